@@ -1,0 +1,81 @@
+"""Every fix recbole 1.2.1 needs on today's stack, applied once (``apply()``), nowhere else.
+
+1. ``torch.load`` defaults to ``weights_only=True`` since torch 2.6, but RecBole checkpoints pickle the
+   Config object: RecBole's trainer gets a ``torch`` proxy whose ``load`` defaults to ``weights_only=False``.
+2. ``recbole.utils.get_model`` imports every RecBole module, including ``lightgbm``/``xgboost`` ones that
+   are not installed: unknown names must give one clear line instead (done in ``recbole_llm.utils``).
+3. RecBole's ``Config._init_device`` hard-codes the ``nccl`` backend and ``torch.cuda.set_device``:
+   ``recbole_llm.config.Config`` chooses gloo on CPU, nccl on GPU; and RecBole's trainer wraps the model in
+   ``DistributedDataParallel(device_ids=[rank])``, which fails for a CPU model: ``device_ids`` only on CUDA.
+4. numpy<2, pandas<3, scipy<1.12 and setuptools<81 are pinned in ``pyproject.toml`` (recbole uses
+   ``np.float``-era APIs, ``dok_matrix._update`` and ray's ``pkg_resources``); ``check_versions`` says so
+   in one line if the environment drifted.
+"""
+import types
+import warnings
+
+import torch
+
+_APPLIED = False
+
+
+def torch_load(f, map_location=None, **kwargs):
+    """``torch.load`` for RecBole checkpoints (they pickle a Config object)."""
+    kwargs.setdefault("weights_only", False)
+    return torch.load(f, map_location=map_location, **kwargs)
+
+
+class _TorchProxy(types.ModuleType):
+    """``torch`` as seen from RecBole's trainer module, with a checkpoint-friendly ``load``."""
+
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    load = staticmethod(torch_load)
+
+
+def check_versions():
+    import numpy
+    import pandas
+    import scipy
+
+    bad = []
+    if int(numpy.__version__.split(".")[0]) >= 2:
+        bad.append(f"numpy {numpy.__version__} (need <2)")
+    if int(pandas.__version__.split(".")[0]) >= 3:
+        bad.append(f"pandas {pandas.__version__} (need <3)")
+    major, minor = (int(x) for x in scipy.__version__.split(".")[:2])
+    if (major, minor) >= (1, 12):
+        bad.append(f"scipy {scipy.__version__} (need <1.12)")
+    if bad:
+        raise RuntimeError("recbole 1.2.1 does not work with " + ", ".join(bad) +
+                           ": reinstall with `pip install -e .` (pyproject.toml pins them)")
+
+
+def _abstract_trainer_init(self, config, model):
+    """``recbole.trainer.AbstractTrainer.__init__`` that also works for multi-process training on CPU."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    self.config = config
+    self.model = model
+    if not config["single_spec"]:
+        self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        device_ids = [config["local_rank"]] if config["device"].type == "cuda" else None
+        self.distributed_model = DistributedDataParallel(self.model, device_ids=device_ids)
+
+
+def apply():
+    global _APPLIED
+    if _APPLIED:
+        return
+    check_versions()
+    import recbole.trainer.trainer as recbole_trainer
+
+    recbole_trainer.torch = _TorchProxy()
+    recbole_trainer.AbstractTrainer.__init__ = _abstract_trainer_init
+    # RecBole's dataloaders warn on every epoch about a pandas-era idiom that is harmless here.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="recbole")
+    _APPLIED = True

@@ -1,0 +1,93 @@
+"""``Config``: RecBole's configurator, with our models found first and our YAML overlaid on RecBole's.
+
+Order of the internal (default) configuration, later wins:
+  RecBole's overall / model / sample / dataset YAML and its sequential / context-aware presets
+  -> our ``properties/overall.yaml`` (keys RecBole does not have: LLM, stage cache)
+  -> our ``properties/dataset/<dataset>.yaml`` -> our ``properties/model/<Model>.yaml``.
+Anything the user passes (config files, config dict, command line) wins over all of these, as in RecBole.
+"""
+import os
+
+import torch
+from recbole.config import Config as RecBoleConfig
+
+from recbole_llm import compat
+from recbole_llm.errors import ConfigError
+from recbole_llm.utils import PROPERTIES_DIR, get_model
+
+
+class Config(RecBoleConfig):
+    def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None):
+        compat.apply()
+        if isinstance(config_file_list, str):
+            config_file_list = config_file_list.split()
+        for file in config_file_list or []:
+            if not os.path.isfile(file):
+                raise ConfigError(f"config file not found: {file}")
+        super().__init__(model, dataset, config_file_list, config_dict)
+
+    def _get_model_and_dataset(self, model, dataset):
+        if model is None:
+            model = self.external_config_dict.get("model")
+            if model is None:
+                raise ConfigError("no model given: pass --model=NAME (or `model:` in a config file)")
+        if dataset is None:
+            dataset = self.external_config_dict.get("dataset")
+            if dataset is None:
+                raise ConfigError("no dataset given: pass --dataset=NAME (or `dataset:` in a config file)")
+        if isinstance(model, str):
+            return model, get_model(model), dataset
+        return model.__name__, model, dataset
+
+    def _load_internal_config_dict(self, model, model_class, dataset):
+        super()._load_internal_config_dict(model, model_class, dataset)
+        overlays = [
+            os.path.join(PROPERTIES_DIR, "overall.yaml"),
+            os.path.join(PROPERTIES_DIR, "dataset", f"{dataset}.yaml"),
+            os.path.join(PROPERTIES_DIR, "model", f"{model}.yaml"),
+        ]
+        for file in overlays:
+            if os.path.isfile(file):
+                loaded = self._update_internal_config_dict(file) or {}
+                if "dataset" in os.path.dirname(file):
+                    self.parameters["Dataset"] += [k for k in loaded if k not in self.parameters["Dataset"]]
+
+    def _init_device(self):
+        """RecBole's device set-up, with gloo on CPU and nccl on GPU for multi-process runs."""
+        gpu_id = self.final_config_dict["gpu_id"]
+        if isinstance(gpu_id, tuple):
+            gpu_id = ",".join(map(str, gpu_id))
+        gpu_id = self.final_config_dict["gpu_id"] = str(gpu_id)
+        if "CUDA_VISIBLE_DEVICES" not in os.environ or gpu_id:
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpu_id
+        use_cuda = len(gpu_id) > 0 and self.final_config_dict.get("use_gpu", True) and torch.cuda.is_available()
+        # torchrun sets LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT: honour them like RecBole's options.
+        if "local_rank" not in self.final_config_dict and "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            self.final_config_dict.update(
+                local_rank=int(os.environ["LOCAL_RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+                nproc=int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])),
+                offset=int(os.environ.get("RANK", os.environ["LOCAL_RANK"])) - int(os.environ["LOCAL_RANK"]),
+                ip=os.environ.get("MASTER_ADDR", "localhost"), port=os.environ.get("MASTER_PORT", "5678"),
+                torchrun=True)
+        cfg = self.final_config_dict
+        if "local_rank" not in cfg:
+            cfg["single_spec"] = True
+            cfg["local_rank"] = 0
+            cfg["device"] = torch.device("cuda") if use_cuda else torch.device("cpu")
+            return
+        rank = cfg["local_rank"] + cfg.get("offset", 0)
+        if not torch.distributed.is_initialized():
+            init_method = "env://" if cfg.get("torchrun") else f"tcp://{cfg['ip']}:{cfg['port']}"
+            torch.distributed.init_process_group(
+                backend="nccl" if use_cuda else "gloo", rank=rank,
+                world_size=cfg["world_size"], init_method=init_method)
+        if use_cuda:
+            torch.cuda.set_device(cfg["local_rank"])
+            cfg["device"] = torch.device("cuda", cfg["local_rank"])
+        else:
+            cfg["device"] = torch.device("cpu")
+        cfg["single_spec"] = False
+        if cfg["local_rank"] != 0:
+            cfg["state"] = "error"
+            cfg["show_progress"] = False
+            cfg["verbose"] = False

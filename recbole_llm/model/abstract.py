@@ -1,0 +1,55 @@
+"""``LLMRecommender``: what every recbole-llm LLM model shares with the trainer and the checkpoint code.
+
+A model lists its stages in order (``stages()``); ``LLMTrainer.fit`` runs them through the stage cache,
+then trains the final stage with RecBole's loop. Frozen LLM weights never go into a checkpoint: they are
+rebuilt from ``llm_path``, so a checkpoint holds only what training changed.
+"""
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+
+@dataclass
+class Stage:
+    """One step of a model's pipeline.
+
+    ``build(train_data, valid_data) -> artifact`` computes the stage's output (an object torch can save);
+    ``load(artifact)`` installs it into the model (also when it comes from the cache).
+    ``config_keys``: the config values the output depends on (the dataset, split and seed always count).
+    """
+
+    name: str
+    build: Callable
+    load: Callable
+    config_keys: List[str] = field(default_factory=list)
+
+
+class LLMRecommender:
+    """Mix-in for RecBole models that hold an LLM (``self.llm``)."""
+
+    def stages(self) -> List[Stage]:
+        return []
+
+    def _frozen_llm_keys(self, state):
+        frozen = {name for name, p in self.named_parameters() if not p.requires_grad and name.startswith("llm.")}
+        return [k for k in state if k in frozen or (k.startswith("llm.") and k not in self._trainable_names())]
+
+    def _trainable_names(self):
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def state_dict(self, *args, **kwargs):
+        state = super().state_dict(*args, **kwargs)
+        for key in self._frozen_llm_keys(state):
+            del state[key]
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        if strict:
+            missing = [k for k in result.missing_keys if not k.startswith("llm.")]
+            if missing or result.unexpected_keys:
+                raise RuntimeError(f"checkpoint does not match the model: missing {missing}, "
+                                   f"unexpected {result.unexpected_keys}")
+        return result
+
+    def trainable_parameters(self) -> Optional[list]:
+        return [p for p in self.parameters() if p.requires_grad]

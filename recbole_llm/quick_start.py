@@ -1,0 +1,156 @@
+"""``run_recbole_llm``, ``objective_function`` (for ``recbole.trainer.HyperTuning``) and ``load_data_and_model``.
+
+Mirrors ``recbole.quick_start`` (which imports ray, so we do not import it) with our Config, model lookup,
+trainer lookup and the gloo backend for multi-process runs on CPU.
+"""
+import argparse
+import logging
+import sys
+from logging import getLogger
+
+import torch
+import torch.distributed as dist
+from recbole.utils import get_environment, get_flops, init_logger, init_seed, set_color
+
+from recbole_llm.compat import torch_load
+from recbole_llm.config import Config
+from recbole_llm.errors import ConfigError
+from recbole_llm.utils import create_dataset, data_preparation, get_model, get_trainer
+
+
+def _is_llm_model(model_class):
+    from recbole_llm.model.abstract import LLMRecommender
+
+    return issubclass(model_class, LLMRecommender)
+
+
+def run(model, dataset, config_file_list=None, config_dict=None, saved=True,
+        nproc=1, world_size=-1, ip="localhost", port="5678", group_offset=0):
+    """One process, or ``nproc`` spawned processes (RecBole's options), returning rank 0's result."""
+    if nproc == 1 and world_size <= 0:
+        return run_recbole_llm(model, dataset, config_file_list, config_dict, saved)
+    import torch.multiprocessing as mp
+
+    world_size = nproc if world_size == -1 else world_size
+    config_dict = dict(config_dict or {})
+    config_dict.update(world_size=world_size, ip=ip, port=port, nproc=nproc, offset=group_offset)
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_run_rank, args=(model, dataset, config_file_list, config_dict, saved, queue), nprocs=nproc, join=True)
+    return None if queue.empty() else queue.get()
+
+
+def _run_rank(rank, model, dataset, config_file_list, config_dict, saved, queue):
+    run_recbole_llm(model, dataset, config_file_list, dict(config_dict, local_rank=rank), saved, queue)
+
+
+def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, queue=None):
+    """Train and test ``model`` on ``dataset``: RecBole's ``run_recbole`` with recbole-llm's lookups."""
+    config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    logger = getLogger()
+    logger.info(sys.argv)
+    logger.info(config)
+
+    dataset = create_dataset(config)
+    logger.info(dataset)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model_class = get_model(config["model"])
+    model = model_class(config, train_data._dataset).to(config["device"])
+    logger.info(model)
+    if not _is_llm_model(model_class):  # thop would trace a whole LLM
+        from recbole.data.transform import construct_transform
+
+        flops = get_flops(model, dataset, config["device"], logger, construct_transform(config))
+        logger.info(set_color("FLOPs", "blue") + f": {flops}")
+
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    best_valid_score, best_valid_result = trainer.fit(
+        train_data, valid_data, saved=saved, show_progress=config["show_progress"])
+    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+
+    logger.info("The running environment of this training is as follows:\n" + get_environment(config).draw())
+    logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
+    logger.info(set_color("test result", "yellow") + f": {test_result}")
+    result = {
+        "model": config["model"],
+        "best_valid_score": best_valid_score,
+        "valid_score_bigger": config["valid_metric_bigger"],
+        "best_valid_result": best_valid_result,
+        "test_result": test_result,
+    }
+    if not config["single_spec"]:
+        dist.destroy_process_group()
+    if config["local_rank"] == 0 and queue is not None:
+        queue.put(result)
+    return result
+
+
+def objective_function(config_dict=None, config_file_list=None, saved=True):
+    """The objective ``recbole.trainer.HyperTuning`` calls for each trial (RecBole's, without ray)."""
+    config = Config(config_dict=config_dict, config_file_list=config_file_list)
+    init_seed(config["seed"], config["reproducibility"])
+    logger = getLogger()
+    for handler in logger.handlers[:]:
+        logger.removeHandler(handler)
+    init_logger(config)
+    logging.basicConfig(level=logging.ERROR)
+    dataset = create_dataset(config)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    init_seed(config["seed"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    best_valid_score, best_valid_result = trainer.fit(train_data, valid_data, verbose=False, saved=saved)
+    test_result = trainer.evaluate(test_data, load_best_model=saved)
+    return {
+        "model": config["model"],
+        "best_valid_score": best_valid_score,
+        "valid_score_bigger": config["valid_metric_bigger"],
+        "best_valid_result": best_valid_result,
+        "test_result": test_result,
+    }
+
+
+def load_data_and_model(model_file):
+    """Config, model, dataset and dataloaders from a checkpoint; a GPU checkpoint loads on a CPU machine."""
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    checkpoint = torch_load(model_file, map_location=device)
+    config = checkpoint["config"]
+    config["device"] = device
+    config["single_spec"], config["local_rank"] = True, 0
+    if device.type == "cpu":
+        config["gpu_id"] = ""
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    dataset = create_dataset(config)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    init_seed(config["seed"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(device)
+    model.load_state_dict(checkpoint["state_dict"])
+    model.load_other_parameter(checkpoint.get("other_parameter"))
+    model.eval()
+    return config, model, dataset, train_data, valid_data, test_data
+
+
+def main(argv=None):
+    """``run_recbole_llm.py``: RecBole's ``run_recbole.py`` flags; any other ``--key=value`` goes to Config."""
+    parser = argparse.ArgumentParser(description="Train and evaluate a RecBole / recbole-llm model.")
+    parser.add_argument("--model", "-m", type=str, default="GLTA", help="model name")
+    parser.add_argument("--dataset", "-d", type=str, default="ml-100k", help="dataset name")
+    parser.add_argument("--config_files", type=str, default=None, help="space-separated YAML files")
+    parser.add_argument("--nproc", type=int, default=1, help="processes on this machine")
+    parser.add_argument("--ip", type=str, default="localhost", help="master address")
+    parser.add_argument("--port", type=str, default="5678", help="master port")
+    parser.add_argument("--world_size", type=int, default=-1, help="processes in all")
+    parser.add_argument("--group_offset", type=int, default=0, help="rank of this machine's first process")
+    args, _ = parser.parse_known_args(argv)
+    config_file_list = args.config_files.strip().split(" ") if args.config_files else None
+    try:
+        run(args.model, args.dataset, config_file_list=config_file_list, nproc=args.nproc,
+            world_size=args.world_size, ip=args.ip, port=args.port, group_offset=args.group_offset)
+    except ConfigError as e:
+        print(f"recbole-llm: error: {e}", file=sys.stderr)
+        return 2
+    return 0

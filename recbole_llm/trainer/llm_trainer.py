@@ -1,0 +1,5 @@
+from recbole.trainer import Trainer
+
+
+class LLMTrainer(Trainer):
+    pass
