@@ -7,9 +7,16 @@
 3. RecBole's ``Config._init_device`` hard-codes the ``nccl`` backend and ``torch.cuda.set_device``:
    ``recbole_llm.config.Config`` chooses gloo on CPU, nccl on GPU; and RecBole's trainer wraps the model in
    ``DistributedDataParallel(device_ids=[rank])``, which fails for a CPU model: ``device_ids`` only on CUDA.
+   Its ``evaluate(load_best_model=True)`` also has every rank read its own ``saved_model_file``, which only
+   rank 0 writes (and whose name holds a timestamp taken per rank), with no wait for rank 0 to finish
+   writing it: every rank now reads rank 0's file, once rank 0 has saved it.
 4. numpy<2, pandas<3, scipy<1.12 and setuptools<81 are pinned in ``pyproject.toml`` (recbole uses
    ``np.float``-era APIs, ``dok_matrix._update`` and ray's ``pkg_resources``); ``check_versions`` says so
    in one line if the environment drifted.
+5. ``recbole.trainer.hyper_tuning`` draws exhaustive-search points with ``np.random.RandomState``, which
+   hyperopt>=0.2.7 cannot use (it calls ``rng.integers``), and ``plot_hyper`` casts with ``np.str``, which
+   numpy 1.24 removed: that module gets a ``numpy`` proxy with ``default_rng`` and ``str``. Scripts that
+   build a ``HyperTuning`` call ``apply()`` first (the exhaustive search runs before any Config exists).
 """
 import types
 import warnings
@@ -67,6 +74,39 @@ def _abstract_trainer_init(self, config, model):
         self.distributed_model = DistributedDataParallel(self.model, device_ids=device_ids)
 
 
+def _evaluate_rank0_checkpoint(evaluate):
+    """Wrap ``Trainer.evaluate`` so that in a multi-process run every rank loads the checkpoint rank 0 wrote."""
+    import functools
+
+    @functools.wraps(evaluate)
+    def wrapper(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        if load_best_model and not self.config["single_spec"] and torch.distributed.is_initialized():
+            # A collective: rank 0 reaches it after its last save, so the file is complete when others read it.
+            names = [model_file or self.saved_model_file]
+            torch.distributed.broadcast_object_list(names, src=0)
+            model_file = names[0]
+        return evaluate(self, eval_data, load_best_model=load_best_model, model_file=model_file,
+                        show_progress=show_progress)
+
+    return wrapper
+
+
+class _NumpyProxy(types.ModuleType):
+    """``numpy`` as seen from RecBole's hyper_tuning module: ``random.RandomState`` is a ``Generator``."""
+
+    str = str
+
+    def __init__(self):
+        import numpy
+
+        super().__init__("numpy")
+        self._numpy = numpy
+        self.random = types.SimpleNamespace(RandomState=numpy.random.default_rng)
+
+    def __getattr__(self, name):
+        return getattr(self._numpy, name)
+
+
 def apply():
     global _APPLIED
     if _APPLIED:
@@ -76,6 +116,10 @@ def apply():
 
     recbole_trainer.torch = _TorchProxy()
     recbole_trainer.AbstractTrainer.__init__ = _abstract_trainer_init
+    recbole_trainer.Trainer.evaluate = _evaluate_rank0_checkpoint(recbole_trainer.Trainer.evaluate)
+    import recbole.trainer.hyper_tuning as recbole_hyper_tuning
+
+    recbole_hyper_tuning.np = _NumpyProxy()
     # RecBole's dataloaders warn on every epoch about a pandas-era idiom that is harmless here.
     warnings.filterwarnings("ignore", category=FutureWarning, module="recbole")
     _APPLIED = True

@@ -5,6 +5,7 @@ trainer lookup and the gloo backend for multi-process runs on CPU.
 """
 import argparse
 import logging
+import os
 import sys
 from logging import getLogger
 
@@ -34,18 +35,33 @@ def run(model, dataset, config_file_list=None, config_dict=None, saved=True,
     world_size = nproc if world_size == -1 else world_size
     config_dict = dict(config_dict or {})
     config_dict.update(world_size=world_size, ip=ip, port=port, nproc=nproc, offset=group_offset)
+    # Bad options fail here with one ConfigError, not once per spawned process with a traceback.
+    _check_dataset(Config(model, dataset, config_file_list, config_dict))
     queue = mp.get_context("spawn").SimpleQueue()
     mp.spawn(_run_rank, args=(model, dataset, config_file_list, config_dict, saved, queue), nprocs=nproc, join=True)
     return None if queue.empty() else queue.get()
 
 
 def _run_rank(rank, model, dataset, config_file_list, config_dict, saved, queue):
+    if "OMP_NUM_THREADS" not in os.environ:  # as torchrun does: the processes share this machine's cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config_dict["nproc"]))
     run_recbole_llm(model, dataset, config_file_list, dict(config_dict, local_rank=rank), saved, queue)
+
+
+def _check_dataset(config):
+    """Raise ``create_dataset``'s missing-dataset ``ConfigError`` before logging starts (the CLI prints one line)."""
+    from recbole_llm import data
+
+    path = config["data_path"]
+    if getattr(data, config["model"] + "Dataset", None) is None and not (
+            os.path.isdir(path) and any(f.endswith(".inter") for f in os.listdir(path))):
+        create_dataset(config)  # raises the error that names the dataset and how to get it
 
 
 def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, queue=None):
     """Train and test ``model`` on ``dataset``: RecBole's ``run_recbole`` with recbole-llm's lookups."""
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+    _check_dataset(config)
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = getLogger()

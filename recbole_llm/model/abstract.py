@@ -12,7 +12,8 @@ from typing import Callable, List, Optional
 class Stage:
     """One step of a model's pipeline.
 
-    ``build(train_data, valid_data) -> artifact`` computes the stage's output (an object torch can save);
+    ``build(trainer, train_data, valid_data) -> artifact`` computes the stage's output (an object torch can
+    save; a training stage calls ``trainer.train_stage``);
     ``load(artifact)`` installs it into the model (also when it comes from the cache).
     ``config_keys``: the config values the output depends on (the dataset, split and seed always count).
     """
@@ -24,10 +25,25 @@ class Stage:
 
 
 class LLMRecommender:
-    """Mix-in for RecBole models that hold an LLM (``self.llm``)."""
+    """Mix-in for RecBole models that hold an LLM (``self.llm``), trained by ``LLMTrainer``.
+
+    A model provides ``stages()`` (run in order before the final stage), ``start_final_stage()`` (sets which
+    parameters the final stage trains), ``train_batches(train_data, epoch)`` (the final stage's batches) and
+    ``calculate_loss(batch)``.
+    """
 
     def stages(self) -> List[Stage]:
         return []
+
+    def start_final_stage(self):
+        pass
+
+    def train_batches(self, train_data, epoch):
+        raise NotImplementedError
+
+    @property
+    def llm_dtype(self):
+        return next(self.llm.parameters()).dtype
 
     def _frozen_llm_keys(self, state):
         frozen = {name for name, p in self.named_parameters() if not p.requires_grad and name.startswith("llm.")}

