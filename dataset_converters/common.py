@@ -573,8 +573,9 @@ def interaction_stats(u, i, keep, split=None):
 
 def select(u, i, t, line, opts, row_ok=None):
     """Apply the filters in ``opts`` (an argparse namespace from :func:`add_filter_args`) in this order:
-    date window, the converter's own row mask ``row_ok`` (e.g. items with metadata), dedup, k-core, user sampling, history cap,
-    time split. Returns ``(keep, split)``; ``split`` is None without ``--split-dates``."""
+    date window, the converter's own row mask ``row_ok`` (e.g. items with metadata), dedup, k-core,
+    user sampling, history cap, time split. Returns ``(keep, split)``; ``split`` is None without
+    ``--split-dates``."""
     keep = np.ones(len(u), dtype=bool)
     if opts.start_date is not None:
         keep &= t >= opts.start_date

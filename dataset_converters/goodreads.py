@@ -63,7 +63,8 @@ def build_parser():
         description="Goodreads interactions + book metadata (JSON lines) to RecBole atomic files with text.")
     src = parser.add_argument_group("input")
     src.add_argument("--input", metavar="RAW_DIR",
-                     help="folder holding goodreads_interactions_<genre>.json[.gz] and goodreads_books_<genre>.json[.gz]")
+                     help="folder holding goodreads_interactions_<genre>.json[.gz] and "
+                          "goodreads_books_<genre>.json[.gz]")
     src.add_argument("--genre", help="e.g. history_biography (default: from the file names, or the preset's)")
     src.add_argument("--interactions", metavar="FILE", help="interactions file (overrides --input)")
     src.add_argument("--books", metavar="FILE", help="book metadata file (overrides --input)")
