@@ -63,15 +63,22 @@ def check_versions():
 
 
 def _abstract_trainer_init(self, config, model):
-    """``recbole.trainer.AbstractTrainer.__init__`` that also works for multi-process training on CPU."""
-    from torch.nn.parallel import DistributedDataParallel
-
+    """``recbole.trainer.AbstractTrainer.__init__`` that also works for multi-process training on CPU
+    and for models with nothing to train yet (an LLM model before its stages set what trains)."""
     self.config = config
     self.model = model
-    if not config["single_spec"]:
+    self.distributed_model = None
+    if not config["single_spec"] and any(p.requires_grad for p in model.parameters()):
         self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        device_ids = [config["local_rank"]] if config["device"].type == "cuda" else None
-        self.distributed_model = DistributedDataParallel(self.model, device_ids=device_ids)
+        self.distributed_model = wrap_distributed(self.model, config)
+
+
+def wrap_distributed(model, config):
+    """DDP over the parameters that train now (an LLM model's change from stage to stage)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [config["local_rank"]] if config["device"].type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
 
 
 def _evaluate_rank0_checkpoint(evaluate):

@@ -31,7 +31,7 @@ def load_item_texts(config, dataset, fields=None, separator=None):
     texts = [""] * dataset.item_num
     token2id = dataset.field2token_id[iid_field]
     with open(path, encoding=encoding, newline="") as f:
-        reader = csv.reader(f, delimiter=sep, quoting=csv.QUOTE_NONE)
+        reader = csv.reader(f, delimiter=sep)  # quoted values parse as RecBole (pandas) reads them
         header = [column.split(":")[0] for column in next(reader)]
         missing = [name for name in [iid_field] + fields if name not in header]
         if missing:

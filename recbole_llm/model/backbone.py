@@ -9,9 +9,10 @@ change the backbone.
 import copy
 import logging
 import os
-import tempfile
+import uuid
 
 import torch
+import torch.distributed as dist
 import yaml
 from recbole.data.dataloader import TrainDataLoader
 from recbole.sampler import Sampler
@@ -68,6 +69,16 @@ def cf_embeddings(model):
     return user.detach().float().cpu(), item.detach().float().cpu()
 
 
+def _shared_checkpoint_path(config, name):
+    """A temporary checkpoint path, the same on every rank (rank 0 writes the backbone's best epoch there)."""
+    folder = os.path.join(config["checkpoint_dir"], "stages")
+    os.makedirs(folder, exist_ok=True)
+    path = [os.path.join(folder, f".tmp-{name}-{uuid.uuid4().hex}.pth")]
+    if not config["single_spec"]:
+        dist.broadcast_object_list(path, src=0)
+    return path[0]
+
+
 def pretrain_backbone(config, train_data, valid_data, name):
     """Train backbone ``name`` on the training split; return its embeddings and best validation result."""
     bconf, backbone_class = backbone_config(config, name)
@@ -76,12 +87,19 @@ def pretrain_backbone(config, train_data, valid_data, name):
     train_loader = TrainDataLoader(bconf, train_dataset, sampler, shuffle=True)
     model = backbone_class(bconf, train_dataset).to(config["device"])
     trainer = recbole_get_trainer(bconf["MODEL_TYPE"], name)(bconf, model)
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer.saved_model_file = os.path.join(tmp, f"{name}.pth")
+    trainer.saved_model_file = _shared_checkpoint_path(config, name)
+    try:
         best_score, best_result = trainer.fit(train_loader, valid_data, saved=True,
                                               show_progress=config["show_progress"], verbose=True)
+        if not config["single_spec"]:
+            dist.barrier()  # rank 0 wrote the best checkpoint
         checkpoint = torch_load(trainer.saved_model_file, map_location=config["device"])
         model.load_state_dict(checkpoint["state_dict"])
+    finally:
+        if not config["single_spec"]:
+            dist.barrier()
+        if config["local_rank"] == 0 and os.path.exists(trainer.saved_model_file):
+            os.remove(trainer.saved_model_file)
     user, item = cf_embeddings(model)
     logger.info(f"backbone {name}: best valid {dict(best_result or {})}")
     return {"user_emb": user, "item_emb": item, "best_valid_result": dict(best_result or {}), "backbone": name}

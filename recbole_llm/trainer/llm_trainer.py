@@ -10,10 +10,11 @@ What it adds to RecBole's loop:
 """
 import torch
 from recbole.trainer import Trainer
-from recbole.utils import set_color
+from recbole.utils import init_seed, set_color
 from torch.nn.utils import clip_grad_norm_
 from tqdm import tqdm
 
+from recbole_llm.compat import wrap_distributed
 from recbole_llm.stages import StageCache
 
 
@@ -32,10 +33,22 @@ class LLMTrainer(Trainer):
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         self.run_stages(train_data, valid_data)
+        # Seed the final stage: a run resumed from cached stages trains exactly like an uninterrupted one.
+        init_seed(self.config["seed"] + self.config["local_rank"], self.config["reproducibility"])
         self.model.start_final_stage()
+        self._rewrap_distributed()
         self.optimizer = self._build_optimizer(params=self.model.trainable_parameters())
         self.optimizer_steps = 0
         return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+
+    def _rewrap_distributed(self):
+        """DDP registers the parameters that require grad when it wraps: wrap again when a stage changes them."""
+        if not self.config["single_spec"]:
+            self.distributed_model = wrap_distributed(self.model, self.config)
+
+    def sync_grad_loss(self):
+        """RecBole's zero-valued loss that touches every parameter, over trainable ones only (not the LLM)."""
+        return sum((p.sum() * 0 for p in self.model.parameters() if p.requires_grad), torch.zeros(()))
 
     # ----- the training loop shared by stages and the final stage ---------------------------------------
     def _autocast(self):
@@ -52,8 +65,9 @@ class LLMTrainer(Trainer):
     def train_steps(self, batches, loss_fn, optimizer, desc, show_progress=None):
         """One pass over ``batches`` (this rank's share): returns the mean loss over batches."""
         show_progress = self.config["show_progress"] if show_progress is None else show_progress
-        if not self.config["single_spec"]:
-            batches = batches[self.config["local_rank"]::self.config["world_size"]]
+        if not self.config["single_spec"]:  # equal shares (every rank must take part in every all-reduce)
+            world = self.config["world_size"]
+            batches = batches[:len(batches) - len(batches) % world][self.config["local_rank"]::world]
         params = [p for group in optimizer.param_groups for p in group["params"]]
         base_lrs = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
         for group, lr in zip(optimizer.param_groups, base_lrs):
@@ -84,6 +98,7 @@ class LLMTrainer(Trainer):
 
     def train_stage(self, name, batches_fn, loss_fn, params, epochs, learning_rate):
         """Train ``params`` for ``epochs`` passes of ``batches_fn(epoch)``: used by a model's training stages."""
+        self._rewrap_distributed()
         optimizer = self._build_optimizer(params=params, learning_rate=learning_rate)
         saved_steps, self.optimizer_steps = self.optimizer_steps, 0
         for epoch in range(epochs):

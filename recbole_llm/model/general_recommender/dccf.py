@@ -8,9 +8,10 @@ Reference:
 Reference code:
     https://github.com/HKUDS/DCCF
 
-Graph propagation uses plain ``torch.sparse``. Each layer combines graph message passing, intent-aware
-aggregation over learned intent prototypes and two adaptively re-weighted graphs; a contrastive loss
-aligns the graph view with the other three views.
+Each layer combines graph message passing, intent-aware aggregation over learned intent prototypes and
+message passing over two adaptively re-weighted graphs; a contrastive loss aligns the graph view with the
+other three. Plain torch only: ``torch.sparse`` for the fixed graph, gather / scatter-add on the edges for
+the learned ones.
 """
 
 import torch

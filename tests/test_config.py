@@ -1,0 +1,54 @@
+"""Config overlay and model lookup."""
+import os
+
+import pytest
+
+from recbole_llm.config import Config
+from recbole_llm.errors import ConfigError
+from recbole_llm.utils import PROPERTIES_DIR, available_models, get_model
+
+
+def test_our_yaml_overlays_recbole_and_user_values_win():
+    config = Config("GLTA", "ml-100k", config_dict={"gllm_k": 7})
+    assert config["item_text_fields"] == ["movie_title", "release_year", "class"]  # properties/dataset/ml-100k.yaml
+    assert config["cf_backbone"] == "LightGCN" and config["inference"] == "glta"  # properties/model/GLTA.yaml
+    assert config["llm_path"] == "smollm2"  # properties/overall.yaml
+    assert config["gllm_k"] == 7  # the user's value wins
+    assert config["eval_args"]["mode"]["test"] == "full"  # RecBole's own defaults are still there
+
+
+def test_recbole_presets_are_not_clobbered():
+    config = Config("SASRec", "ml-100k", config_dict={"train_neg_sample_args": None})
+    assert config["eval_args"]["split"] == {"LS": "valid_and_test"} and config["repeatable"]  # sequential preset
+    config = Config("FM", "ml-100k")
+    assert config["threshold"] == {"rating": 4} and "class" in config["load_col"]["item"]  # context-aware preset
+    assert config["llm_path"] == "smollm2"  # our overall.yaml only adds keys RecBole does not have
+
+
+def test_model_lookup_prefers_ours_and_falls_back_to_recbole():
+    assert get_model("GLTA").__module__ == "recbole_llm.model.general_recommender.glta"
+    assert get_model("lightgcn").__module__ == "recbole.model.general_recommender.lightgcn"
+    assert {"GLTA", "DCCF", "BPR", "LightGCN", "SASRec"} <= set(available_models())
+
+
+def test_unknown_model_lists_the_available_ones():
+    with pytest.raises(ConfigError, match=r"unknown model 'Nope'; available: .*GLTA.*LightGCN"):
+        get_model("Nope")
+
+
+def test_the_yaml_files_ship_inside_the_package(tmp_path):
+    """A wheel (not only an editable checkout) carries properties/ as recbole_llm/properties."""
+    import subprocess
+    import sys
+    import zipfile
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), root], check=True, capture_output=True)
+    wheel = next(p for p in os.listdir(tmp_path) if p.endswith(".whl"))
+    names = zipfile.ZipFile(tmp_path / wheel).namelist()
+    for required in ["recbole_llm/properties/overall.yaml", "recbole_llm/properties/model/GLTA.yaml",
+                     "recbole_llm/properties/dataset/ml-100k.yaml", "recbole_llm/properties/hyper/GLTA.hyper",
+                     "dataset_converters/movielens.py"]:
+        assert required in names
+    assert os.path.isfile(os.path.join(PROPERTIES_DIR, "model", "GLTA.yaml"))

@@ -1,0 +1,146 @@
+"""GLTA with the tiny-random LLM on a tiny clustered dataset: every stage, variant and ablation."""
+import glob
+import os
+
+import pytest
+import torch
+
+from recbole_llm.config import Config
+from recbole_llm.errors import ConfigError
+from recbole_llm.model.general_recommender.glta import GLTA
+from recbole_llm.quick_start import load_data_and_model, run_recbole_llm
+from recbole_llm.utils import create_dataset, data_preparation, get_trainer
+from tests.conftest import tiny_config, write_tiny_dataset
+
+METRICS = ["precision@5", "precision@10", "ndcg@5", "ndcg@10"]
+VARIANTS = {
+    "default": {},
+    "wo_ia": {"item_text_alignment": False},
+    "wo_ua": {"user_alignment": False},
+    "wo_pf": {"use_profile": False},
+    "wo_pd": {"use_prediction": False},
+    "fl": {"inference": "fl"},
+    "ar": {"inference": "ar"},
+    "random_head": {"gllm_init": "random"},
+    "mf_backbone": {"cf_backbone": "MF"},
+}
+
+
+@pytest.fixture(scope="module")
+def shared_saved(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("saved"))  # variants share cached stages
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_variant_runs_and_is_evaluated(tiny_data, shared_saved, variant):
+    config = tiny_config(tiny_data, checkpoint_dir=shared_saved, **VARIANTS[variant])
+    result = run_recbole_llm("GLTA", "tiny", config_dict=config)
+    for metric in METRICS:
+        assert 0.0 <= result["test_result"][metric] <= 1.0
+
+
+def _untrained_and_trained(tiny_data, tmp_path):
+    config = tiny_config(tiny_data, checkpoint_dir=str(tmp_path / "saved"))
+    result = run_recbole_llm("GLTA", "tiny", config_dict=config)
+    cfg = Config("GLTA", "tiny", config_dict=config)
+    dataset = create_dataset(cfg)
+    train, valid, test = data_preparation(cfg, dataset)
+    untrained = GLTA(cfg, train._dataset)
+    trainer = get_trainer(cfg["MODEL_TYPE"], "GLTA")(cfg, untrained)
+    return trainer.evaluate(test, load_best_model=False), result
+
+
+def test_trained_beats_untrained_on_clustered_data(tiny_data, tmp_path):
+    untrained, trained = _untrained_and_trained(tiny_data, tmp_path)
+    assert trained["test_result"]["ndcg@10"] > untrained["ndcg@10"] + 0.2
+
+
+def test_full_sort_predict_scores_every_item_in_slot_order(tiny_data, tmp_path):
+    config = tiny_config(tiny_data, checkpoint_dir=str(tmp_path / "saved"))
+    run_recbole_llm("GLTA", "tiny", config_dict=config)
+    checkpoint = glob.glob(os.path.join(str(tmp_path / "saved"), "GLTA-*.pth"))[0]
+    cfg, model, dataset, train, valid, test = load_data_and_model(checkpoint)
+    users = torch.tensor([1, 2, 3])
+    scores = model.full_sort_predict({model.USER_ID: users}).reshape(len(users), -1)
+    assert scores.shape == (3, dataset.item_num)
+    assert torch.isfinite(scores[:, 1:]).all()
+    placed = (scores >= 1000).sum(1)
+    assert (placed == cfg["gllm_k"]).all()  # k items placed by the slots, above every other item
+    for row, u in enumerate(users.tolist()):
+        assert not set(scores[row].topk(cfg["gllm_k"]).indices.tolist()) & set(model.user_items[u])
+
+
+def test_resume_after_a_kill_mid_stage_reaches_the_same_metrics(tiny_data, tmp_path, monkeypatch):
+    clean = run_recbole_llm("GLTA", "tiny", config_dict=tiny_config(tiny_data, checkpoint_dir=str(tmp_path / "a")))
+
+    killed_dir = str(tmp_path / "b")
+    original = GLTA.align_item_text
+
+    def killed(self, *args):
+        raise KeyboardInterrupt("killed mid-stage")
+
+    monkeypatch.setattr(GLTA, "align_item_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_recbole_llm("GLTA", "tiny", config_dict=tiny_config(tiny_data, checkpoint_dir=killed_dir))
+    stage_files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(killed_dir, "stages", "*", "*")))
+    assert [f.split("-")[0] for f in stage_files] == ["graph_pretrain", "profile_generation"]  # nothing half-written
+
+    monkeypatch.setattr(GLTA, "align_item_text", original)
+    resumed = run_recbole_llm("GLTA", "tiny", config_dict=tiny_config(tiny_data, checkpoint_dir=killed_dir))
+    assert resumed["test_result"] == clean["test_result"]
+
+    # --rebuild_stages recomputes every stage (and lands on the same result again).
+    before = {p: os.path.getmtime(p) for p in glob.glob(os.path.join(killed_dir, "stages", "*", "*.pt"))}
+    rebuilt = run_recbole_llm("GLTA", "tiny",
+                              config_dict=tiny_config(tiny_data, checkpoint_dir=killed_dir, rebuild_stages=True))
+    assert all(os.path.getmtime(p) > t for p, t in before.items())
+    assert rebuilt["test_result"] == clean["test_result"]
+
+
+def test_dataset_without_item_text_fails_with_one_clear_line(tmp_path):
+    root = write_tiny_dataset(str(tmp_path / "data"), name="notext", item_text=False)
+    with pytest.raises(ConfigError, match=r"needs item text.*notext\.item"):
+        run_recbole_llm("GLTA", "notext", config_dict=tiny_config(root, checkpoint_dir=str(tmp_path / "saved")))
+
+
+def test_unknown_text_field_names_the_field(tiny_data, tmp_path):
+    config = tiny_config(tiny_data, checkpoint_dir=str(tmp_path / "saved"), item_text_fields=["title", "plot"])
+    with pytest.raises(ConfigError, match="no field plot"):
+        run_recbole_llm("GLTA", "tiny", config_dict=config)
+
+
+@pytest.mark.parametrize("key,value", [("inference", "beam"), ("cf_backbone", "NGCF"), ("gllm_k", 0),
+                                       ("gllm_init", "zeros")])
+def test_bad_options_name_the_option(tiny_data, tmp_path, key, value):
+    config = tiny_config(tiny_data, checkpoint_dir=str(tmp_path / "saved"), **{key: value})
+    with pytest.raises(ConfigError, match=key):
+        run_recbole_llm("GLTA", "tiny", config_dict=config)
+
+
+def test_k_larger_than_every_history_is_documented_behaviour(tiny_data, tmp_path, caplog):
+    config = tiny_config(tiny_data, checkpoint_dir=str(tmp_path / "saved"), gllm_k=50)
+    result = run_recbole_llm("GLTA", "tiny", config_dict=config)
+    assert "exceeds every user's training history" in caplog.text
+    assert result["test_result"]["ndcg@10"] >= 0
+
+
+def test_a_user_without_training_items_is_scored_and_not_trained(tiny_data, tmp_path):
+    config = tiny_config(tiny_data, checkpoint_dir=str(tmp_path / "saved"))
+    cfg = Config("GLTA", "tiny", config_dict=config)
+    dataset = create_dataset(cfg)
+    train, valid, test = data_preparation(cfg, dataset)
+    model = GLTA(cfg, train._dataset)
+    model.user_items[5] = []
+    assert all(u != 5 for batch in model.train_batches(train, 0) for u, _, _ in batch)
+    scores = model.full_sort_predict({model.USER_ID: torch.tensor([5])})
+    assert scores.shape == (dataset.item_num,) and torch.isfinite(scores[1:]).all()
+
+
+def test_item_text_is_recovered_exactly(tiny_data):
+    from recbole_llm.data.item_text import load_item_texts
+
+    cfg = Config("GLTA", "tiny", config_dict=tiny_config(tiny_data))
+    dataset = create_dataset(cfg)
+    texts = load_item_texts(cfg, dataset)
+    internal = dataset.field2token_id[dataset.iid_field]["7"]
+    assert texts[internal] == "Movie  number 7, Horror"  # two spaces kept: RecBole's token_seq would lose them

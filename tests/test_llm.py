@@ -1,0 +1,121 @@
+"""The LLM layer: loading (tiny-random, the embedded SmolLM2, bad llm_path), placeholder embeddings,
+new tokens, LoRA, generation."""
+import json
+import os
+
+import pytest
+import torch
+
+from recbole_llm.data.prompts import PromptTemplate, collate
+from recbole_llm.errors import ConfigError
+from recbole_llm.llm import add_tokens, embed_inputs, generate_texts, last_hidden_states, load_llm
+
+
+def llm_config(**overrides):
+    config = {"llm_path": "tiny-random", "llm_dtype": "auto", "llm_quantization": "auto", "llm_cache_dir": None,
+              "llm_gradient_checkpointing": False, "lora_r": 0, "lora_alpha": 16, "lora_dropout": 0.0,
+              "lora_target_modules": ["q_proj", "v_proj"], "device": torch.device("cpu")}
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_llm(llm_config())
+
+
+def test_tiny_random_is_frozen_bf16_on_cpu(tiny):
+    llm, tokenizer = tiny
+    assert llm.config.num_hidden_layers == 2 and llm.config.hidden_size == 64
+    assert next(llm.parameters()).dtype == torch.bfloat16  # auto -> bf16 on CPU
+    assert not any(p.requires_grad for p in llm.parameters())
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token is not None
+
+
+def test_placeholder_vectors_reach_the_llm_and_get_gradients(tiny):
+    llm, tokenizer = tiny
+    template = PromptTemplate("User {user} liked {items}. Next:{slots}", tokenizer)
+    leaf = torch.randn(5, 64, requires_grad=True)  # a leaf: must not be written in place
+    encoded = [template.encode(user=leaf[:1], items=leaf[1:3], slots=leaf[3:4]),
+               template.encode(user=leaf[:1], items=leaf[1:2], slots=leaf[4:5])]
+    input_ids, attention, placeholder, vectors, positions = collate(encoded, tokenizer.pad_token_id, "left")
+    assert placeholder.sum() == vectors.shape[0] == 7
+    embeds = embed_inputs(llm, input_ids, placeholder, vectors)
+    assert torch.allclose(embeds[placeholder].float(), vectors.to(torch.bfloat16).float())
+    hidden = last_hidden_states(llm, input_ids, attention, placeholder, vectors)
+    assert positions[0]["slots"] == [input_ids.shape[1] - 1]  # left padding: slots end every row
+    hidden[:, -1].float().sum().backward()
+    assert leaf.grad is not None and leaf.grad.abs().sum() > 0
+    assert all(p.grad is None for p in llm.parameters())
+
+
+def test_new_tokens_train_only_their_rows():
+    llm, tokenizer = load_llm(llm_config())
+    old = llm.get_input_embeddings().weight.detach().clone()
+    ids = add_tokens(llm, tokenizer, ["<item_1>", "<item_2>"])
+    assert tokenizer.convert_tokens_to_ids("<item_2>") == ids[1] == old.shape[0] + 1
+    out = llm(input_ids=torch.tensor([[5, ids[0], ids[1]]]))
+    out.logits.float().sum().backward()
+    grad = llm.get_input_embeddings().weight.grad
+    assert grad[:old.shape[0]].abs().sum() == 0 and grad[old.shape[0]:].abs().sum() > 0
+
+
+def test_lora_adds_trainable_adapters_only():
+    llm, _ = load_llm(llm_config(lora_r=4))
+    trainable = [n for n, p in llm.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_batched_generation_keeps_prompt_order(tiny):
+    llm, tokenizer = tiny
+    prompts = ["a", "a much longer prompt than the first one", "b"]
+    texts = generate_texts(llm, tokenizer, prompts, max_new_tokens=3, batch_size=2, show_progress=False)
+    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+    alone = generate_texts(llm, tokenizer, prompts[1:2], max_new_tokens=3, batch_size=1, show_progress=False)
+    assert texts[1] == alone[0]
+
+
+def test_the_embedded_smollm2_loads_and_generates():
+    llm, tokenizer = load_llm(llm_config(llm_path="smollm2"))
+    assert llm.config.num_hidden_layers == 30 and llm.config.hidden_size == 576
+    text = generate_texts(llm, tokenizer, ["What is the capital of France? Answer in one word."],
+                          max_new_tokens=8, show_progress=False)[0]
+    assert "paris" in text.lower()
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"llm_path": "/no/such/folder"}, "llm_path: no such folder"),
+    ({"llm_quantization": "3bit"}, "llm_quantization: unknown value '3bit'"),
+    ({"llm_dtype": "fp8"}, "llm_dtype: unknown value 'fp8'"),
+])
+def test_bad_llm_options_give_one_clear_line(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_llm(llm_config(**overrides))
+
+
+def test_a_corrupt_model_folder_is_reported(tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match="not a Hugging Face model folder"):
+        load_llm(llm_config(llm_path=str(folder)))
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ConfigError, match="cannot load"):
+        load_llm(llm_config(llm_path=str(folder)))
+
+
+def test_the_smollm2_cache_is_written_atomically(tmp_path, monkeypatch):
+    """A conversion that dies leaves no folder behind; the next run converts again and succeeds."""
+    from recbole_llm.llm import loading
+
+    def dying_save(self, *args, **kwargs):
+        raise KeyboardInterrupt("killed while writing")
+
+    from transformers import PreTrainedModel
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        loading.smollm2_folder(str(tmp_path))
+    assert os.listdir(tmp_path) == []
+    monkeypatch.undo()
+    folder = loading.smollm2_folder(str(tmp_path))
+    assert os.path.isfile(os.path.join(folder, "config.json"))
