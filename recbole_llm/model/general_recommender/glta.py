@@ -232,7 +232,8 @@ class GLTA(LLMRecommender, GeneralRecommender):
         batch = self.config["train_batch_size"]
         return [groups[i:i + batch] for i in range(0, len(groups), batch)]
 
-    def item_text_loss(self, groups):
+    def item_text_prompts(self, groups):
+        """Each group of m items: its item tokens, its descriptions shuffled, m slots; targets in description order."""
         rng = random.Random(sum(sum(g) for g in groups))
         encoded, targets = [], []
         for items in groups:
@@ -244,8 +245,11 @@ class GLTA(LLMRecommender, GeneralRecommender):
             encoded.append(self.ia_template.encode(items=self.item_tokens(torch.tensor(items)), descriptions=desc,
                                                    slots=self.slots[:len(items)]))
             targets.append(order)
-        logits = self._slot_logits(encoded, None)
-        return self._slot_loss(logits, targets)
+        return encoded, targets
+
+    def item_text_loss(self, groups):
+        encoded, targets = self.item_text_prompts(groups)
+        return self._slot_loss(self._slot_logits(encoded, None), targets)
 
     # Stage 4 (final): user-item alignment, trained by RecBole's loop in LLMTrainer.
     def start_final_stage(self):
@@ -271,10 +275,12 @@ class GLTA(LLMRecommender, GeneralRecommender):
             batches.append(batch)
         return batches
 
+    def user_item_prompts(self, batch):
+        return [self._user_prompt(u, shown) for u, shown, _ in batch]
+
     def calculate_loss(self, batch):
         users = torch.tensor([u for u, _, _ in batch], device=self.device)
-        encoded = [self._user_prompt(u, shown) for u, shown, _ in batch]
-        logits = self._slot_logits(encoded, self.user_emb[users])
+        logits = self._slot_logits(self.user_item_prompts(batch), self.user_emb[users])
         return self._slot_loss(logits, [targets for _, _, targets in batch])
 
     # ----- the pieces every stage uses ------------------------------------------------------------------------
