@@ -196,10 +196,7 @@ def main(argv=None):
 
 def _main(argv):
     parser = build_parser()
-    args = common.parse_with_preset(parser, argv, PRESETS)
-    common.finish_filter_args(parser, args)
-    if args.max_text_chars < 1:
-        parser.error("--max-text-chars must be at least 1")
+    args = common.parse_converter_args(parser, argv, PRESETS)
     category, reviews_path, meta_path = resolve_inputs(args, parser)
     preset = PRESETS[args.preset]["categories"][category] if args.preset else None
     name = args.dataset_name or (preset["name"] if preset else "amazon-" + category.lower().replace("_", "-"))
@@ -209,31 +206,6 @@ def _main(argv):
     def text_of(record):
         return item_text(record, args.max_text_chars)
 
-    # pass 1: ids, ratings and times of the reviews
-    table = common.InteractionTable()
-    for line_no, text in common.iter_lines(reviews_path, "utf-8", "reviews (1/2)", progress):
-        _, user, item, rating, ts = parse_review(reviews_path, line_no, text)
-        table.add(user, item, ts, rating, line_no)
-    if not len(table):
-        raise ConversionError("no reviews", reviews_path)
-
-    # pass 1 over the metadata: where each reviewed item's record is, and whether it has the required text
-    required = set(args.require_text or [])
-    meta_line, meta_ok = common.scan_item_file(meta_path, table.item_index, "asin", text_of, required,
-                                               "metadata (1/2)", progress)
-    keep_without_meta = args.keep_items_without_meta and not required
-    item_ok = meta_ok | ((meta_line < 0) & keep_without_meta)
-
-    u, i, t, r, line = table.arrays()
-    keep, split = common.select(u, i, t, line, args, row_ok=item_ok[i])
-    if not keep.any():
-        raise ConversionError("no reviews left after filtering", reviews_path)
-    item_tokens = table.item_tokens()
-
-    inter_fields = [("user_id", "token"), ("item_id", "token"), ("rating", "float"), ("timestamp", "float")]
-    if args.review_text:
-        inter_fields.append(("review_text", "token"))
-
     def review_row(line_no, text):
         record, user, item, rating, ts = parse_review(reviews_path, line_no, text)
         row = [user, item, rating, ts]
@@ -241,17 +213,31 @@ def _main(argv):
             row.append(common.clean_text(record.get("reviewText"), args.max_text_chars))
         return row
 
-    kept_items = np.unique(i[keep])
+    # pass 1: ids, ratings and times of the reviews
+    table = common.read_interactions(reviews_path, "utf-8", parse_review, "reviews (1/2)", progress,
+                                     empty_message="no reviews")
+    # pass 1 over the metadata: where each reviewed item's record is, and whether it has the required text
+    meta_line, item_ok = common.scan_item_file(meta_path, table.item_index, "asin", text_of, args.require_text,
+                                               args.keep_items_without_meta, "metadata (1/2)", progress)
+
+    # filters
+    u, i, t, r, line = table.arrays()
+    keep, split = common.select(u, i, t, line, args, row_ok=item_ok[i])
+    if not keep.any():
+        raise ConversionError("no reviews left after filtering", reviews_path)
+
+    inter_fields = list(common.INTER_FIELDS)
+    if args.review_text:
+        inter_fields.append(("review_text", "token"))
     with common.atomic_output_dir(args.output, name, args.overwrite) as tmp:
         # pass 2: the kept reviews, with their text
-        with common.InterWriters(tmp, name, inter_fields, split) as writers:
-            common.write_kept_lines(writers, reviews_path, "utf-8", line, keep, split, review_row,
-                                    "reviews (2/2)", progress)
-        files = list(writers.files)
+        files = common.write_inter_files(tmp, name, inter_fields, split, common.reread_kept_rows(
+            reviews_path, "utf-8", line, keep, review_row, "reviews (2/2)", progress))
         # pass 2 over the metadata: the kept items' text
-        common.write_item_file(os.path.join(tmp, f"{name}.item"), ITEM_FIELDS, meta_path, item_tokens,
-                               kept_items, meta_line, text_of, "metadata (2/2)", progress)
-        files.append(f"{name}.item")
+        files.append(common.write_item_file(tmp, name, ITEM_FIELDS, meta_path, table.item_tokens(),
+                                            np.unique(i[keep]), meta_line, text_of, "metadata (2/2)", progress))
+
+    # statistics
     common.report(name, args.output, common.interaction_stats(u, i, keep, split), files,
                   paper=preset and preset["paper"], note=args.preset and PRESETS[args.preset]["note"])
     return 0

@@ -326,21 +326,32 @@ class InterWriters:
         self.close()
 
 
-def write_kept_lines(writers, path, encoding, line, keep, split, make_row, desc, progress):
-    """Second pass over a raw interaction file: write ``make_row(line_no, text)`` for every kept row."""
+def write_inter_files(folder, name, fields, split, rows):
+    """Write the ``.inter`` file(s) (see :class:`InterWriters`) from ``rows``, pairs of (index into the
+    interaction arrays, values); ``split`` picks each row's file. Returns the file names."""
+    with InterWriters(folder, name, fields, split) as writers:
+        for index, values in rows:
+            writers.write(values, 0 if split is None else int(split[index]))
+    return list(writers.files)
+
+
+def reread_kept_rows(path, encoding, line, keep, make_row, desc, progress):
+    """Second pass over a raw interaction file: yield ``(index, make_row(line_no, text))`` for every kept
+    row (``line`` holds each row's line number), in file order, for :func:`write_inter_files`."""
     rows = np.flatnonzero(keep)
-    codes = split[rows] if split is not None else np.zeros(len(rows), dtype=np.int8)
     for k, line_no, text in iter_selected_lines(path, line[rows], encoding, desc, progress):
-        writers.write(make_row(line_no, text), int(codes[k]))
+        yield rows[k], make_row(line_no, text)
 
 
-def scan_item_file(path, item_index, id_field, text_of, required, desc, progress):
+def scan_item_file(path, item_index, id_field, text_of, required, keep_missing, desc, progress):
     """First pass over an item metadata file (JSON lines) for the items in ``item_index``.
 
     Returns ``(item_line, item_ok)`` indexed like ``item_index``: the line of each item's last record
-    (later records win; -1 if none) and whether that record's text fields named in ``required`` are
-    non-empty (``text_of(record)`` gives the cleaned fields as a dict; it runs only when needed).
+    (later records win; -1 if none) and whether the item may be kept: its record's text fields named in
+    ``required`` are non-empty (``text_of(record)`` gives the cleaned fields as a dict; it runs only when
+    needed), or it has no record, ``keep_missing`` is set and nothing is required.
     """
+    required = set(required or [])
     item_line = np.full(len(item_index), -1, dtype=np.int64)
     item_ok = np.zeros(len(item_index), dtype=bool)
     for line_no, text in iter_lines(path, "utf-8", desc, progress):
@@ -351,20 +362,24 @@ def scan_item_file(path, item_index, id_field, text_of, required, desc, progress
         item_line[index] = line_no
         fields = text_of(record) if required else {}
         item_ok[index] = all(fields[f] for f in required)
+    item_ok |= (item_line < 0) & bool(keep_missing and not required)
     return item_line, item_ok
 
 
-def write_item_file(path, fields, raw_path, item_tokens, kept_items, item_line, text_of, desc, progress):
-    """Second pass over the item metadata: one row per kept item, in the metadata file's order; items
-    without a record (kept only on request) get empty text at the end."""
-    with AtomicFileWriter(path, [("item_id", "token")] + list(fields)) as w:
+def write_item_file(folder, name, fields, raw_path, item_tokens, kept_items, item_line, text_of, desc, progress):
+    """Second pass over the item metadata: ``<name>.item`` with one row per kept item, in the metadata
+    file's order; items without a record (kept only on request) get empty text at the end. Returns the
+    file name."""
+    filename = f"{name}.item"
+    with AtomicFileWriter(os.path.join(folder, filename), [("item_id", "token")] + list(fields)) as w:
         found = kept_items[item_line[kept_items] >= 0]
         found = found[np.argsort(item_line[found], kind="stable")]
         for k, line_no, text in iter_selected_lines(raw_path, item_line[found], "utf-8", desc, progress):
             values = text_of(parse_json_line(raw_path, line_no, text))
-            w.write([item_tokens[found[k]]] + [values[name] for name, _ in fields])
+            w.write([item_tokens[found[k]]] + [values[field] for field, _ in fields])
         for index in kept_items[item_line[kept_items] < 0]:
             w.write([item_tokens[index]] + [""] * len(fields))
+    return filename
 
 
 def atomic_file_header(path):
@@ -474,6 +489,26 @@ class InteractionTable:
         for token, index in self.user_index.items():
             tokens[index] = token
         return tokens
+
+
+INTER_FIELDS = (("user_id", "token"), ("item_id", "token"), ("rating", "float"), ("timestamp", "float"))
+
+
+def read_interactions(path, encoding, parse, desc, progress, empty_message, wanted=None):
+    """First pass over a raw interaction file: an :class:`InteractionTable` of its rows.
+
+    ``parse(path, line_no, text)`` gives ``(record, user, item, rating, timestamp)``; rows for which
+    ``wanted(record, rating)`` is false are skipped. No row left is a :class:`ConversionError` saying
+    ``empty_message``.
+    """
+    table = InteractionTable()
+    for line_no, text in iter_lines(path, encoding, desc, progress):
+        record, user, item, rating, ts = parse(path, line_no, text)
+        if wanted is None or wanted(record, rating):
+            table.add(user, item, ts, rating, line_no)
+    if not len(table):
+        raise ConversionError(empty_message, path)
+    return table
 
 
 def dedup_first(u, i, t, line, keep):
@@ -705,6 +740,17 @@ def parse_with_preset(parser, argv, presets):
     if getattr(args, "preset", None):
         parser.set_defaults(**presets[args.preset]["options"])
         args = parser.parse_args(argv)
+    return args
+
+
+def parse_converter_args(parser, argv, presets):
+    """A converter's options: ``argv`` parsed with its preset (:func:`parse_with_preset`), the filter
+    options checked and completed (:func:`finish_filter_args`), and ``--max-text-chars`` checked where the
+    converter has it."""
+    args = parse_with_preset(parser, argv, presets)
+    finish_filter_args(parser, args)
+    if getattr(args, "max_text_chars", 1) < 1:
+        parser.error("--max-text-chars must be at least 1")
     return args
 
 

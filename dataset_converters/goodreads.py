@@ -131,10 +131,7 @@ def main(argv=None):
 
 def _main(argv):
     parser = build_parser()
-    args = common.parse_with_preset(parser, argv, PRESETS)
-    common.finish_filter_args(parser, args)
-    if args.max_text_chars < 1:
-        parser.error("--max-text-chars must be at least 1")
+    args = common.parse_converter_args(parser, argv, PRESETS)
     genre, inter_path, books_path = resolve_inputs(args, parser)
     default_name = "goodreads" + (f"-{genre.lower().replace('_', '-')}" if genre else "")
     name = args.dataset_name or (PRESETS[args.preset]["name"] if args.preset else default_name)
@@ -148,39 +145,33 @@ def _main(argv):
         return {"title": common.clean_text(record.get("title"), 1000),
                 "description": common.clean_text(record.get("description"), args.max_text_chars)}
 
-    table = common.InteractionTable()
-    for line_no, text in common.iter_lines(inter_path, "utf-8", "interactions (1/2)", progress):
-        record, user, item, rating, ts = parse_interaction(inter_path, line_no, text)
-        if wanted(record, rating):
-            table.add(user, item, ts, rating, line_no)
-    if not len(table):
-        raise ConversionError("no interactions (after --only-read / --min-rating)", inter_path)
-
-    required = set(args.require_text or [])
-    book_line, book_ok = common.scan_item_file(books_path, table.item_index, "book_id", text_of, required,
-                                               "books (1/2)", progress)
-    item_ok = book_ok | ((book_line < 0) & (args.keep_items_without_meta and not required))
-
-    u, i, t, r, line = table.arrays()
-    keep, split = common.select(u, i, t, line, args, row_ok=item_ok[i])
-    if not keep.any():
-        raise ConversionError("no interactions left after filtering", inter_path)
-    item_tokens = table.item_tokens()
-    kept_items = np.unique(i[keep])
-
     def inter_row(line_no, text):
         _, user, item, rating, ts = parse_interaction(inter_path, line_no, text)
         return [user, item, rating, ts]
 
-    fields = [("user_id", "token"), ("item_id", "token"), ("rating", "float"), ("timestamp", "float")]
+    # pass 1: ids, ratings and times of the wanted interactions
+    table = common.read_interactions(inter_path, "utf-8", parse_interaction, "interactions (1/2)", progress,
+                                     empty_message="no interactions (after --only-read / --min-rating)",
+                                     wanted=wanted)
+    # pass 1 over the books: where each book's record is, and whether it has the required text
+    book_line, item_ok = common.scan_item_file(books_path, table.item_index, "book_id", text_of, args.require_text,
+                                               args.keep_items_without_meta, "books (1/2)", progress)
+
+    # filters
+    u, i, t, r, line = table.arrays()
+    keep, split = common.select(u, i, t, line, args, row_ok=item_ok[i])
+    if not keep.any():
+        raise ConversionError("no interactions left after filtering", inter_path)
+
     with common.atomic_output_dir(args.output, name, args.overwrite) as tmp:
-        with common.InterWriters(tmp, name, fields, split) as writers:
-            common.write_kept_lines(writers, inter_path, "utf-8", line, keep, split, inter_row,
-                                    "interactions (2/2)", progress)
-        files = list(writers.files)
-        common.write_item_file(os.path.join(tmp, f"{name}.item"), ITEM_FIELDS, books_path, item_tokens,
-                               kept_items, book_line, text_of, "books (2/2)", progress)
-        files.append(f"{name}.item")
+        # pass 2: the kept interactions
+        files = common.write_inter_files(tmp, name, common.INTER_FIELDS, split, common.reread_kept_rows(
+            inter_path, "utf-8", line, keep, inter_row, "interactions (2/2)", progress))
+        # pass 2 over the books: the kept books' text
+        files.append(common.write_item_file(tmp, name, ITEM_FIELDS, books_path, table.item_tokens(),
+                                            np.unique(i[keep]), book_line, text_of, "books (2/2)", progress))
+
+    # statistics
     preset = PRESETS.get(args.preset) or {}
     common.report(name, args.output, common.interaction_stats(u, i, keep, split), files,
                   paper=preset.get("paper"), note=preset.get("note"))

@@ -102,16 +102,14 @@ def split_title(title):
 
 
 def read_ratings(path, sep, progress):
-    table = common.InteractionTable()
-    for line_no, text in common.iter_lines(path, ENCODING, "ratings", progress):
+    def parse_rating(path, line_no, text):
         user, item, rating, ts = _fields(path, line_no, text, sep, 4)
         _int(user, "user id", path, line_no)
         _int(item, "movie id", path, line_no)
         rating = common.as_number(rating, "rating", path, line_no)
-        table.add(user, item, _int(ts, "timestamp", path, line_no), rating, line_no)
-    if not len(table):
-        raise ConversionError("no ratings", path)
-    return table
+        return None, user, item, rating, _int(ts, "timestamp", path, line_no)
+
+    return common.read_interactions(path, ENCODING, parse_rating, "ratings", progress, empty_message="no ratings")
 
 
 def read_movies_1m(path, progress):
@@ -174,8 +172,7 @@ def main(argv=None):
 
 def _main(argv):
     parser = build_parser()
-    args = common.parse_with_preset(parser, argv, PRESETS)
-    common.finish_filter_args(parser, args)
+    args = common.parse_converter_args(parser, argv, PRESETS)
     fmt = args.format or detect_format(args.input)
     if args.preset and PRESETS[args.preset]["format"] != fmt:
         parser.error(f"--preset {args.preset} needs {PRESETS[args.preset]['format']} raw files, got {fmt}")
@@ -183,6 +180,7 @@ def _main(argv):
 
     common.check_output(args.output, name, args.overwrite)
     folder, progress = args.input, args.progress
+    # pass 1: the ratings (ids, ratings, times), the movies and the users
     if fmt == "ml-1m":
         ratings_path = common.find_file(folder, ["ratings.dat"], "ratings")
         table = read_ratings(ratings_path, "::", progress)
@@ -198,6 +196,7 @@ def _main(argv):
         genre_field = "class"
     users = read_users(user_path, fmt, progress)
 
+    # filters
     u, i, t, r, line = table.arrays()
     item_tokens, user_tokens = table.item_tokens(), table.user_tokens()
     item_ok = np.array([tok in movies for tok in item_tokens], dtype=bool)
@@ -210,13 +209,10 @@ def _main(argv):
     if not keep.any():
         raise ConversionError("no interactions left after filtering", ratings_path)
 
-    inter_fields = [("user_id", "token"), ("item_id", "token"), ("rating", "float"), ("timestamp", "float")]
     with common.atomic_output_dir(args.output, name, args.overwrite) as tmp:
-        with common.InterWriters(tmp, name, inter_fields, split) as writers:
-            for k in np.flatnonzero(keep):
-                writers.write([user_tokens[u[k]], item_tokens[i[k]], float(r[k]), int(t[k])],
-                              0 if split is None else int(split[k]))
-        files = list(writers.files)
+        # the kept ratings, movies and users (all held in memory: no second pass over the raw files)
+        files = common.write_inter_files(tmp, name, common.INTER_FIELDS, split, (
+            (k, [user_tokens[u[k]], item_tokens[i[k]], float(r[k]), int(t[k])]) for k in np.flatnonzero(keep)))
         kept_items = np.unique(i[keep])
         with common.AtomicFileWriter(os.path.join(tmp, f"{name}.item"),
                                      [("item_id", "token"), ("movie_title", "token_seq"),
@@ -231,6 +227,7 @@ def _main(argv):
             for index in sorted(kept_users, key=lambda k: _sort_key(user_tokens[k])):
                 w.write([user_tokens[index], *users[user_tokens[index]]])
         files += [f"{name}.item", f"{name}.user"]
+    # statistics
     if name == "ml-100k":
         print("note: RecBole 1.2.1 loads its bundled ml-100k for the dataset name ml-100k whatever data_path "
               "says; pass --dataset-name to load this conversion under another name", file=sys.stderr)
