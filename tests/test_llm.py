@@ -119,3 +119,15 @@ def test_the_smollm2_cache_is_written_atomically(tmp_path, monkeypatch):
     monkeypatch.undo()
     folder = loading.smollm2_folder(str(tmp_path))
     assert os.path.isfile(os.path.join(folder, "config.json"))
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_bitsandbytes_quantization_runs_on_cpu(bits):
+    llm, tokenizer = load_llm(llm_config(llm_quantization=bits))
+    assert any("bnb" in type(m).__module__ or "bitsandbytes" in type(m).__module__ for m in llm.modules())
+    vectors = torch.randn(2, 64, requires_grad=True)
+    input_ids = torch.tensor([[5, 6, 7, 8]])
+    placeholder = torch.tensor([[False, True, True, False]])
+    hidden = last_hidden_states(llm, input_ids, torch.ones_like(input_ids), placeholder, vectors)
+    hidden.float().sum().backward()
+    assert torch.isfinite(hidden.float()).all() and vectors.grad.abs().sum() > 0

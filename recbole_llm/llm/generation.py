@@ -3,18 +3,21 @@ import torch
 from tqdm import tqdm
 
 
-def chat_prompt(tokenizer, text):
+def chat_prompt(tokenizer, text, system=None):
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return text
 
 
 @torch.no_grad()
 def generate_texts(llm, tokenizer, prompts, max_new_tokens=32, batch_size=16, desc="Generate", use_chat=True,
-                   show_progress=True):
-    """Greedy completions of ``prompts`` (in order). Prompts are batched by length to waste little padding."""
-    texts = [chat_prompt(tokenizer, p) if use_chat else p for p in prompts]
+                   show_progress=True, system=None):
+    """Greedy completions of ``prompts`` (in order). Prompts are batched by length to waste little padding.
+
+    ``system``: a system message for chat models (a short one saves the model's default, often long, one).
+    """
+    texts = [chat_prompt(tokenizer, p, system) if use_chat else p for p in prompts]
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
     outputs = [""] * len(texts)

@@ -40,26 +40,15 @@ def _smollm2_gguf():
     return path
 
 
-def smollm2_folder(cache_dir=None):
-    """The embedded SmolLM2 as an HF folder, converted from its GGUF on first use (~25 s), atomically."""
-    target = os.path.join(cache_dir or default_cache_dir(), "smollm2-135m-instruct")
+def _atomic_folder(target, write):
+    """``target``, made by ``write(tmp_folder)`` into a temporary folder and renamed: never half-written."""
     if os.path.isfile(os.path.join(target, "config.json")):
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = _smollm2_gguf()
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    logger.info(f"converting the embedded SmolLM2 GGUF into {target} (once)")
-    start = time.time()
-    tmp = tempfile.mkdtemp(prefix=".smollm2-", dir=os.path.dirname(target))
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}-", dir=os.path.dirname(target))
     try:
-        folder, name = os.path.split(gguf)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.bfloat16)
-        if getattr(model, "hf_quantizer", None) is not None:
-            model.hf_quantizer.remove_quantization_config(model)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        write(tmp)
+        os.chmod(tmp, 0o755)
         try:
             os.rename(tmp, target)
         except OSError:  # another process finished first: keep its folder
@@ -67,8 +56,50 @@ def smollm2_folder(cache_dir=None):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    logger.info(f"SmolLM2 converted in {time.time() - start:.1f}s")
     return target
+
+
+def smollm2_folder(cache_dir=None):
+    """The embedded SmolLM2 as an HF folder, converted from its GGUF on first use (~25 s)."""
+    target = os.path.join(cache_dir or default_cache_dir(), "smollm2-135m-instruct")
+
+    def write(tmp):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder, name = os.path.split(_smollm2_gguf())
+        logger.info(f"converting the embedded SmolLM2 GGUF into {target} (once)")
+        start = time.time()
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.bfloat16)
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        logger.info(f"SmolLM2 converted in {time.time() - start:.1f}s")
+
+    return _atomic_folder(target, write)
+
+
+def tiny_random_folder(cache_dir=None):
+    """A random 2-layer Llama (hidden 64, seed 0) with SmolLM2's tokenizer, saved once like any HF folder."""
+    cache_dir = cache_dir or default_cache_dir()
+    target = os.path.join(cache_dir, "tiny-random-llama")
+
+    def write(tmp):
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        tokenizer = AutoTokenizer.from_pretrained(smollm2_folder(cache_dir))
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(config)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _atomic_folder(target, write)
 
 
 def resolve_dtype(name, device):
@@ -90,18 +121,6 @@ def resolve_quantization(name, device):
     return name
 
 
-def _tiny_random(tokenizer, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(config)
-
-
 def load_llm(config, device=None):
     """(model, tokenizer) from the config's ``llm_*`` keys: frozen, in eval mode, LoRA added if ``lora_r``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -112,8 +131,10 @@ def load_llm(config, device=None):
     quantization = resolve_quantization(config["llm_quantization"], device)
     cache_dir = config["llm_cache_dir"] or default_cache_dir()
 
-    if path in ("smollm2", "tiny-random"):
+    if path == "smollm2":
         folder = smollm2_folder(cache_dir)
+    elif path == "tiny-random":
+        folder = tiny_random_folder(cache_dir)
     elif not os.path.isdir(path):
         raise ConfigError(f"llm_path: no such folder '{path}' (use smollm2, tiny-random or a local HF model folder)")
     elif not os.path.isfile(os.path.join(path, "config.json")):
@@ -129,19 +150,16 @@ def load_llm(config, device=None):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
 
-    if path == "tiny-random":
-        model = _tiny_random(tokenizer).to(dtype)
-    else:
-        kwargs = {"dtype": dtype}
-        if quantization != "none":
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=quantization == "4bit", load_in_8bit=quantization == "8bit",
-                bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4")
-            kwargs["device_map"] = {"": device}
-        try:
-            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-        except Exception as e:  # noqa: BLE001
-            raise ConfigError(f"llm_path: cannot load a model from '{folder}': {type(e).__name__}: {e}") from e
+    kwargs = {"dtype": dtype}
+    if quantization != "none":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=quantization == "4bit", load_in_8bit=quantization == "8bit",
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4")
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"llm_path: cannot load a model from '{folder}': {type(e).__name__}: {e}") from e
     if quantization == "none":
         model = model.to(device)
 

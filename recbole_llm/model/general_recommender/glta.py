@@ -178,7 +178,7 @@ class GLTA(LLMRecommender, GeneralRecommender):
             Stage("graph_pretrain", self.pretrain_graph, self.load_graph, ["cf_backbone", "cf_config"]),
             Stage("profile_generation", self.generate_profiles, self.load_profiles,
                   ["llm_path", "item_text_fields", "item_text_separator", "profile_prompt", "prediction_prompt",
-                   "gen_history_len", "gen_max_tokens"]),
+                   "gen_system_prompt", "gen_history_len", "gen_max_tokens"]),
         ]
         if self.use_ia:
             stages.append(Stage("item_text_alignment", self.align_item_text, self.load_item_alignment,
@@ -205,7 +205,8 @@ class GLTA(LLMRecommender, GeneralRecommender):
                        for u in range(1, self.n_users)]  # user 0 is RecBole's padding user
             texts[kind] = [""] + generate_texts(self.llm, self.tokenizer, prompts, self.config["gen_max_tokens"],
                                                 self.config["gen_batch_size"], desc=f"Generate {kind}",
-                                                show_progress=self.config["show_progress"])
+                                                show_progress=self.config["show_progress"],
+                                                system=self.config["gen_system_prompt"])
         return texts
 
     def load_profiles(self, artifact):
