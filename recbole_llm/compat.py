@@ -10,7 +10,11 @@
    Its ``evaluate(load_best_model=True)`` also has every rank read its own ``saved_model_file``, which only
    rank 0 writes (and whose name holds a timestamp taken per rank), with no wait for rank 0 to finish
    writing it: every rank now reads rank 0's file, once rank 0 has saved it.
-4. numpy<2, pandas<3, scipy<1.12 and setuptools<81 are pinned in ``pyproject.toml`` (recbole uses
+4. In a multi-process run RecBole's ``evaluate(load_best_model=True)`` has each rank load its own (never written)
+   checkpoint name: every rank loads the file rank 0 wrote (broadcast, which also waits for the write).
+5. RecBole's hyper-tuning calls ``np.random.RandomState(...).integers`` (hyperopt >= 0.2.7 needs a Generator)
+   and ``np.str``: its module sees a numpy proxy with both.
+6. numpy<2, pandas<3, scipy<1.12 and setuptools<81 are pinned in ``pyproject.toml`` (recbole uses
    ``np.float``-era APIs, ``dok_matrix._update`` and ray's ``pkg_resources``); ``check_versions`` says so
    in one line if the environment drifted.
 5. ``recbole.trainer.hyper_tuning`` draws exhaustive-search points with ``np.random.RandomState``, which
