@@ -27,7 +27,6 @@ TRAINED = {
     "wo_ua": {"user_alignment": False},
     "wo_pf": {"use_profile": False},
     "wo_pd": {"use_prediction": False},
-    "wo_both": {"use_profile": False, "use_prediction": False},
     "random_head": {"gllm_init": "random"},
 }
 INFERENCE = {"fl": "fl", "ar": "ar"}
