@@ -131,3 +131,14 @@ def test_bitsandbytes_quantization_runs_on_cpu(bits):
     hidden = last_hidden_states(llm, input_ids, torch.ones_like(input_ids), placeholder, vectors)
     hidden.float().sum().backward()
     assert torch.isfinite(hidden.float()).all() and vectors.grad.abs().sum() > 0
+
+
+def test_gradient_checkpointing_still_sends_gradients_to_the_inputs():
+    llm, _ = load_llm(llm_config(llm_gradient_checkpointing=True))
+    assert llm.is_gradient_checkpointing
+    llm.train()
+    vectors = torch.randn(2, 64, requires_grad=True)
+    input_ids = torch.tensor([[5, 6, 7, 8]])
+    placeholder = torch.tensor([[False, True, True, False]])
+    last_hidden_states(llm, input_ids, torch.ones_like(input_ids), placeholder, vectors).float().sum().backward()
+    assert vectors.grad.abs().sum() > 0
