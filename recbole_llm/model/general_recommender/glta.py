@@ -18,6 +18,8 @@ GLLM head (``gllm_init``):
   ``backbone``  Z_t = E_i (E_u + M h_t) + b with M zero-initialised: the head is tied to the frozen backbone
                 item embeddings through a learned map, so step 0 ranks exactly like the backbone and what
                 the LLM adds is learned on top (GLTA-notes). In the item-text stage there is no user: E_u = 0.
+                That stage trains M too, so the final stage starts from the backbone's ranking moved by M
+                (measured on ml-100k with SmolLM2: see BENCHMARKS.md).
 
 Inference (``inference``): ``glta`` reads the ranking off the first k slots (slot t places its best item not
 yet placed nor seen in training); ``fl`` places the top-k items of slot 1; ``ar`` feeds the item token chosen
