@@ -18,17 +18,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from recbole_llm.config import Config  # noqa: E402
+from recbole_llm.model.general_recommender.glta import ABLATIONS  # noqa: E402
 from recbole_llm.quick_start import load_data_and_model, run_recbole_llm  # noqa: E402
 from recbole_llm.utils import get_trainer  # noqa: E402
 
-TRAINED = {
-    "default": {},
-    "wo_ia": {"item_text_alignment": False},
-    "wo_ua": {"user_alignment": False},
-    "wo_pf": {"use_profile": False},
-    "wo_pd": {"use_prediction": False},
-    "random_head": {"gllm_init": "random"},
-}
+TRAINED = ABLATIONS
 INFERENCE = {"fl": "fl", "ar": "ar"}
 COLUMNS = ["precision@5", "precision@10", "ndcg@5", "ndcg@10"]
 

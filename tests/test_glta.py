@@ -7,23 +7,13 @@ import torch
 
 from recbole_llm.config import Config
 from recbole_llm.errors import ConfigError
-from recbole_llm.model.general_recommender.glta import GLTA
+from recbole_llm.model.general_recommender.glta import ABLATIONS, GLTA
 from recbole_llm.quick_start import load_data_and_model, run_recbole_llm
 from recbole_llm.utils import create_dataset, data_preparation, get_trainer
 from tests.conftest import tiny_config, write_tiny_dataset
 
 METRICS = ["precision@5", "precision@10", "ndcg@5", "ndcg@10"]
-VARIANTS = {
-    "default": {},
-    "wo_ia": {"item_text_alignment": False},
-    "wo_ua": {"user_alignment": False},
-    "wo_pf": {"use_profile": False},
-    "wo_pd": {"use_prediction": False},
-    "fl": {"inference": "fl"},
-    "ar": {"inference": "ar"},
-    "random_head": {"gllm_init": "random"},
-    "mf_backbone": {"cf_backbone": "MF"},
-}
+VARIANTS = dict(ABLATIONS, fl={"inference": "fl"}, ar={"inference": "ar"}, mf_backbone={"cf_backbone": "MF"})
 
 
 @pytest.fixture(scope="module")

@@ -59,6 +59,15 @@ logger = logging.getLogger(__name__)
 BACKBONES = {"LightGCN": "LightGCN", "MF": "BPR", "BPR": "BPR", "DCCF": "DCCF"}
 INFERENCE = ("glta", "fl", "ar")
 PLACED_SCORE = 1000.0
+# The paper's ablations (§4.3, §4.4) and the GLLM head alternative, as config overrides.
+ABLATIONS = {
+    "default": {},
+    "wo_ia": {"item_text_alignment": False},
+    "wo_ua": {"user_alignment": False},
+    "wo_pf": {"use_profile": False},
+    "wo_pd": {"use_prediction": False},
+    "random_head": {"gllm_init": "random"},
+}
 
 
 class GLLMHead(nn.Module):
