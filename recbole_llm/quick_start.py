@@ -16,7 +16,7 @@ from recbole.utils import get_environment, get_flops, init_logger, init_seed, se
 from recbole_llm.compat import torch_load
 from recbole_llm.config import Config
 from recbole_llm.errors import ConfigError
-from recbole_llm.utils import create_dataset, data_preparation, get_model, get_trainer
+from recbole_llm.utils import check_dataset, create_dataset, data_preparation, get_model, get_trainer
 
 
 def _is_llm_model(model_class):
@@ -36,7 +36,7 @@ def run(model, dataset, config_file_list=None, config_dict=None, saved=True,
     config_dict = dict(config_dict or {})
     config_dict.update(world_size=world_size, ip=ip, port=port, nproc=nproc, offset=group_offset)
     # Bad options fail here with one ConfigError, not once per spawned process with a traceback.
-    _check_dataset(Config(model, dataset, config_file_list, config_dict))
+    check_dataset(Config(model, dataset, config_file_list, config_dict))
     queue = mp.get_context("spawn").SimpleQueue()
     mp.spawn(_run_rank, args=(model, dataset, config_file_list, config_dict, saved, queue), nprocs=nproc, join=True)
     return None if queue.empty() else queue.get()
@@ -48,20 +48,10 @@ def _run_rank(rank, model, dataset, config_file_list, config_dict, saved, queue)
     run_recbole_llm(model, dataset, config_file_list, dict(config_dict, local_rank=rank), saved, queue)
 
 
-def _check_dataset(config):
-    """Raise ``create_dataset``'s missing-dataset ``ConfigError`` before logging starts (the CLI prints one line)."""
-    from recbole_llm import data
-
-    path = config["data_path"]
-    if getattr(data, config["model"] + "Dataset", None) is None and not (
-            os.path.isdir(path) and any(f.endswith(".inter") for f in os.listdir(path))):
-        create_dataset(config)  # raises the error that names the dataset and how to get it
-
-
 def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, queue=None):
     """Train and test ``model`` on ``dataset``: RecBole's ``run_recbole`` with recbole-llm's lookups."""
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
-    _check_dataset(config)
+    check_dataset(config)  # before logging starts: the CLI prints one line
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = getLogger()
@@ -90,13 +80,7 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
     logger.info("The running environment of this training is as follows:\n" + get_environment(config).draw())
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
     logger.info(set_color("test result", "yellow") + f": {test_result}")
-    result = {
-        "model": config["model"],
-        "best_valid_score": best_valid_score,
-        "valid_score_bigger": config["valid_metric_bigger"],
-        "best_valid_result": best_valid_result,
-        "test_result": test_result,
-    }
+    result = _result(config, best_valid_score, best_valid_result, test_result)
     if not config["single_spec"]:
         dist.destroy_process_group()
     if config["local_rank"] == 0 and queue is not None:
@@ -120,6 +104,11 @@ def objective_function(config_dict=None, config_file_list=None, saved=True):
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     best_valid_score, best_valid_result = trainer.fit(train_data, valid_data, verbose=False, saved=saved)
     test_result = trainer.evaluate(test_data, load_best_model=saved)
+    return _result(config, best_valid_score, best_valid_result, test_result)
+
+
+def _result(config, best_valid_score, best_valid_result, test_result):
+    """What RecBole's quick start returns (``HyperTuning`` reads ``model`` and the valid score from it)."""
     return {
         "model": config["model"],
         "best_valid_score": best_valid_score,

@@ -86,12 +86,17 @@ def create_dataset(config):
     dataset_class = getattr(data, config["model"] + "Dataset", None)
     if dataset_class is not None:
         return dataset_class(config)
+    check_dataset(config)
+    return recbole_create_dataset(config)
+
+
+def check_dataset(config):
+    """One clear line when the dataset has no atomic files (RecBole would try to download it)."""
     path = config["data_path"]
     if not os.path.isdir(path) or not any(f.endswith(".inter") for f in os.listdir(path)):
         raise ConfigError(
             f"dataset '{config['dataset']}' not found: no .inter file in {path} "
             "(set data_path, or convert raw data with `python -m dataset_converters.<name>`)")
-    return recbole_create_dataset(config)
 
 
 def data_preparation(config, dataset):

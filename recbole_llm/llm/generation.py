@@ -2,6 +2,8 @@
 import torch
 from tqdm import tqdm
 
+from recbole_llm.llm.inputs import base_model
+
 
 def chat_prompt(tokenizer, text, system=None):
     if getattr(tokenizer, "chat_template", None):
@@ -18,7 +20,7 @@ def greedy_decode(llm, input_ids, attention_mask, max_new_tokens, eos_id, pad_id
     of SmolLM2 here); this loop keeps one row per prompt. Positions follow the attention mask, so a
     left-padded prompt decodes as it would alone.
     """
-    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    base = base_model(llm)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     out = base.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
     done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)

@@ -45,16 +45,11 @@ class LLMRecommender:
     def llm_dtype(self):
         return next(self.llm.parameters()).dtype
 
-    def _frozen_llm_keys(self, state):
-        frozen = {name for name, p in self.named_parameters() if not p.requires_grad and name.startswith("llm.")}
-        return [k for k in state if k in frozen or (k.startswith("llm.") and k not in self._trainable_names())]
-
-    def _trainable_names(self):
-        return {name for name, p in self.named_parameters() if p.requires_grad}
-
     def state_dict(self, *args, **kwargs):
+        """Everything but the LLM's frozen tensors (LoRA adapters and new token rows train, so they stay)."""
         state = super().state_dict(*args, **kwargs)
-        for key in self._frozen_llm_keys(state):
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        for key in [k for k in state if k.startswith("llm.") and k not in trainable]:
             del state[key]
         return state
 

@@ -49,7 +49,8 @@ from tqdm import tqdm
 from recbole_llm.data.item_text import load_item_texts
 from recbole_llm.data.prompts import PromptTemplate, collate
 from recbole_llm.errors import ConfigError
-from recbole_llm.llm import embedding_std, generate_texts, last_hidden_states, load_llm
+from recbole_llm.llm import embed_inputs, embedding_std, generate_texts, last_hidden_states, load_llm
+from recbole_llm.llm.inputs import base_model
 from recbole_llm.model.abstract import LLMRecommender, Stage
 from recbole_llm.model.backbone import backbone_config, pretrain_backbone
 from recbole_llm.model.layers import Projector
@@ -399,9 +400,8 @@ class GLTA(LLMRecommender, GeneralRecommender):
         encoded = [self._user_prompt(u, self._inference_history(u), n_slots=1) for u in users]
         input_ids, attention, placeholder, vectors, _ = collate(encoded, self.tokenizer.pad_token_id, "left")
         attention = attention.to(self.device)
-        base = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
-        embeds = self.llm.get_input_embeddings()(input_ids.to(self.device))
-        embeds = embeds.masked_scatter(placeholder.to(self.device).unsqueeze(-1), vectors.to(embeds.dtype))
+        base = base_model(self.llm)
+        embeds = embed_inputs(self.llm, input_ids.to(self.device), placeholder.to(self.device), vectors)
         user_emb = self.user_emb[torch.tensor(users, device=self.device)]
         seen = self._seen_mask(users, self.n_items, self.device)
         out = base.model(inputs_embeds=embeds, attention_mask=attention, use_cache=True)
