@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny clustered dataset with item text, and a fast GLTA configuration (tiny-random LLM)."""
+"""Shared fixtures: tiny datasets written by the tests (general: clustered; sequential: leave-one-out with a
+known next item; labeled: ratings and times for CTR) with item text, and a fast configuration (tiny-random LLM)."""
 import os
 import random
 
@@ -10,7 +11,6 @@ def write_tiny_dataset(root, name="tiny", n_users=40, n_items=60, n_clusters=3, 
     rng = random.Random(seed)
     folder = os.path.join(root, name)
     os.makedirs(folder, exist_ok=True)
-    genres = ["Comedy", "Horror", "Documentary", "Western", "Musical"]
     with open(os.path.join(folder, f"{name}.inter"), "w") as f:
         f.write("user_id:token\titem_id:token\trating:float\ttimestamp:float\n")
         t = 0
@@ -21,10 +21,7 @@ def write_tiny_dataset(root, name="tiny", n_users=40, n_items=60, n_clusters=3, 
                 t += 1
                 f.write(f"{u}\t{i}\t5\t{t}\n")
     if item_text:
-        with open(os.path.join(folder, f"{name}.item"), "w") as f:
-            f.write("item_id:token\ttitle:token_seq\tgenre:token_seq\n")
-            for i in range(1, n_items + 1):
-                f.write(f"{i}\tMovie  number {i}\t{genres[i % n_clusters]}\n")
+        _write_item_text(folder, name, n_items, n_clusters)
     return root
 
 
@@ -66,3 +63,35 @@ def _run_in_tmp(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     return write_tiny_dataset(str(tmp_path_factory.mktemp("data")))
+
+
+def write_sequential_dataset(root, name="tinyseq", n_users=40, n_items=30, length=12, seed=0, item_text=True):
+    """Leave-one-out data with a known next item: user u walks the items of its cluster in a fixed cycle
+    (item i is followed by the next item of its cluster), starting at a random point."""
+    rng = random.Random(seed)
+    folder = os.path.join(root, name)
+    os.makedirs(folder, exist_ok=True)
+    n_clusters = 3
+    with open(os.path.join(folder, f"{name}.inter"), "w") as f:
+        f.write("user_id:token\titem_id:token\trating:float\ttimestamp:float\n")
+        for u in range(1, n_users + 1):
+            cycle = [i for i in range(1, n_items + 1) if i % n_clusters == u % n_clusters]
+            start = rng.randrange(len(cycle))
+            for step in range(min(length, len(cycle))):
+                f.write(f"{u}\t{cycle[(start + step) % len(cycle)]}\t5\t{u * 1000 + step}\n")
+    if item_text:
+        _write_item_text(folder, name, n_items, n_clusters)
+    return root
+
+
+def _write_item_text(folder, name, n_items, n_clusters):
+    genres = ["Comedy", "Horror", "Documentary", "Western", "Musical"]
+    with open(os.path.join(folder, f"{name}.item"), "w") as f:
+        f.write("item_id:token\ttitle:token_seq\tgenre:token_seq\n")
+        for i in range(1, n_items + 1):
+            f.write(f"{i}\tMovie  number {i}\t{genres[i % n_clusters]}\n")
+
+
+@pytest.fixture(scope="session")
+def tiny_seq_data(tmp_path_factory):
+    return write_sequential_dataset(str(tmp_path_factory.mktemp("seqdata")))

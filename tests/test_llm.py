@@ -8,7 +8,7 @@ import torch
 
 from recbole_llm.data.prompts import PromptTemplate, collate
 from recbole_llm.errors import ConfigError
-from recbole_llm.llm import add_tokens, embed_inputs, generate_texts, last_hidden_states, load_llm
+from recbole_llm.llm import embed_inputs, generate_texts, last_hidden_states, load_llm
 
 
 def llm_config(**overrides):
@@ -49,15 +49,34 @@ def test_placeholder_vectors_reach_the_llm_and_get_gradients(tiny):
     assert all(p.grad is None for p in llm.parameters())
 
 
-def test_new_tokens_train_only_their_rows():
-    llm, tokenizer = load_llm(llm_config())
-    old = llm.get_input_embeddings().weight.detach().clone()
-    ids = add_tokens(llm, tokenizer, ["<item_1>", "<item_2>"])
-    assert tokenizer.convert_tokens_to_ids("<item_2>") == ids[1] == old.shape[0] + 1
-    out = llm(input_ids=torch.tensor([[5, ids[0], ids[1]]]))
-    out.logits.float().sum().backward()
-    grad = llm.get_input_embeddings().weight.grad
-    assert grad[:old.shape[0]].abs().sum() == 0 and grad[old.shape[0]:].abs().sum() > 0
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_new_tokens_train_only_their_rows(lora_r):
+    """New tokens are peft trainable tokens (with or without LoRA): only their rows get gradients and train,
+    weight decay cannot move an old row, and the new rows' output logits move too (tied head)."""
+    llm, tokenizer = load_llm(llm_config(lora_r=lora_r), new_tokens=["<item_1>", "<item_2>"])
+    ids = tokenizer.convert_tokens_to_ids(["<item_1>", "<item_2>"])
+    old_vocab = ids[0]
+    assert ids[1] == old_vocab + 1 and llm.get_input_embeddings().weight.shape[0] >= old_vocab + 2
+    before = llm.get_input_embeddings().weight.detach().float().clone()
+    trainable = [p for p in llm.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=0.1, weight_decay=0.5)
+    input_ids = torch.tensor([[5, ids[0], ids[1]]])
+    logits_before = llm(input_ids=input_ids).logits[0, -1, ids].detach().float()
+    for _ in range(3):
+        optimizer.zero_grad()
+        llm(input_ids=input_ids).logits.float()[0, -1, ids[0]].neg().backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = llm.get_input_embeddings()(torch.arange(old_vocab + 2)).float()
+        logits_after = llm(input_ids=input_ids).logits[0, -1, ids].float()
+    assert torch.equal(after[:old_vocab], before[:old_vocab])  # old rows: untouched, decay included
+    assert not torch.allclose(after[old_vocab:], before[old_vocab:old_vocab + 2])
+    assert logits_after[0] > logits_before[0]
+    from peft import get_peft_model_state_dict
+
+    saved = get_peft_model_state_dict(llm)
+    assert any("trainable_tokens" in k for k in saved)
+    assert all(v.shape[0] == 2 for k, v in saved.items() if "trainable_tokens" in k)  # only the new rows
 
 
 def test_lora_adds_trainable_adapters_only():

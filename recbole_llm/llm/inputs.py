@@ -38,18 +38,3 @@ def gather_positions(hidden, positions, name):
 def embedding_std(llm):
     return input_embedding(llm).weight.float().std().item()
 
-
-def add_tokens(llm, tokenizer, tokens):
-    """Add ``tokens`` to the vocabulary; their embedding rows train, every old row stays frozen.
-
-    Returns the new token ids. New rows start at the mean of the old ones (transformers' mean resizing).
-    """
-    old = input_embedding(llm).weight.shape[0]
-    tokenizer.add_tokens(list(tokens), special_tokens=True)
-    llm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-    weight = input_embedding(llm).weight
-    weight.requires_grad_(True)
-    new_rows = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
-    new_rows[old:] = 1
-    weight.register_hook(lambda grad: grad * new_rows)
-    return list(range(old, weight.shape[0]))

@@ -121,8 +121,12 @@ def resolve_quantization(name, device):
     return name
 
 
-def load_llm(config, device=None):
-    """(model, tokenizer) from the config's ``llm_*`` keys: frozen, in eval mode, LoRA added if ``lora_r``."""
+def load_llm(config, device=None, new_tokens=None):
+    """(model, tokenizer) from the config's ``llm_*`` keys: frozen, in eval mode, LoRA added if ``lora_r``.
+
+    ``new_tokens``: strings added to the vocabulary before LoRA; their rows (input and, if untied, output)
+    train through peft's trainable tokens, every old row stays frozen (see ``add_adapters``).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     device = device or config["device"]
@@ -169,16 +173,50 @@ def load_llm(config, device=None):
     if config["llm_gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    if config["lora_r"]:
-        model = add_lora(model, config)
+    new_ids = []
+    if new_tokens:
+        old = len(tokenizer)
+        tokenizer.add_tokens(list(new_tokens), special_tokens=True)
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        new_ids = list(range(old, len(tokenizer)))
+    if config["lora_r"] or new_ids:
+        model = add_adapters(model, config, new_ids)
     return model, tokenizer
 
 
-def add_lora(model, config):
-    from peft import LoraConfig, get_peft_model
+def _module_name(model, module):
+    return next(name for name, m in model.named_modules() if m is module).split(".")[-1]
 
-    lora = LoraConfig(r=int(config["lora_r"]), lora_alpha=int(config["lora_alpha"] or 2 * config["lora_r"]),
-                      lora_dropout=float(config["lora_dropout"] or 0.0),
-                      target_modules=list(config["lora_target_modules"] or ["q_proj", "v_proj"]),
-                      task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+
+def add_adapters(model, config, new_token_ids=()):
+    """peft adapters: LoRA if ``lora_r`` > 0, and trainable rows for ``new_token_ids``.
+
+    New-token rows use peft's trainable tokens: only those rows train and are saved, so weight decay cannot
+    move a frozen row. Their output rows train too: through the tied input embedding, or as trainable tokens
+    of an untied output layer.
+    """
+    from peft import LoraConfig, TrainableTokensConfig, get_peft_model
+
+    token_indices = {}
+    if new_token_ids:
+        token_indices[_module_name(model, model.get_input_embeddings())] = list(new_token_ids)
+        if not model.config.get_text_config().tie_word_embeddings:
+            token_indices[_module_name(model, model.get_output_embeddings())] = list(new_token_ids)
+    if config["lora_r"]:
+        peft_config = LoraConfig(
+            r=int(config["lora_r"]), lora_alpha=int(config["lora_alpha"] or 2 * config["lora_r"]),
+            lora_dropout=float(config["lora_dropout"] or 0.0),
+            target_modules=list(config["lora_target_modules"] or ["q_proj", "v_proj"]),
+            trainable_token_indices=token_indices or None, task_type="CAUSAL_LM")
+    else:
+        peft_config = TrainableTokensConfig(target_modules=list(token_indices),
+                                            token_indices=next(iter(token_indices.values())))
+    return get_peft_model(model, peft_config)
+
+
+ADAPTER_MARKERS = ("lora_", "trainable_tokens_")
+
+
+def is_adapter_parameter(name):
+    """A parameter peft added (LoRA matrices, trainable new-token rows): trained, so kept in checkpoints."""
+    return any(marker in name for marker in ADAPTER_MARKERS)

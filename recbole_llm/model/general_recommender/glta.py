@@ -51,7 +51,7 @@ from recbole_llm.data.prompts import PromptTemplate, collate
 from recbole_llm.errors import ConfigError
 from recbole_llm.llm import embed_inputs, embedding_std, generate_texts, last_hidden_states, load_llm
 from recbole_llm.llm.inputs import base_model
-from recbole_llm.model.abstract import LLMRecommender, Stage
+from recbole_llm.model.abstract import LLMRecommender, Stage, TrainStage
 from recbole_llm.model.backbone import backbone_config, pretrain_backbone
 from recbole_llm.model.layers import Projector
 
@@ -189,15 +189,24 @@ class GLTA(LLMRecommender, GeneralRecommender):
         stages = [
             Stage("graph_pretrain", self.pretrain_graph, self.load_graph, ["cf_backbone", "cf_config"]),
             Stage("profile_generation", self.generate_profiles, self.load_profiles,
-                  ["llm_path", "item_text_fields", "item_text_separator", "profile_prompt", "prediction_prompt",
-                   "gen_system_prompt", "gen_history_len", "gen_max_tokens"]),
+                  ["item_text_fields", "item_text_separator", "profile_prompt", "prediction_prompt",
+                   "gen_system_prompt", "gen_history_len", "gen_max_tokens"], uses_llm=True),
         ]
         if self.use_ia:
-            stages.append(Stage("item_text_alignment", self.align_item_text, self.load_item_alignment,
-                                ["llm_path", "llm_dtype", "item_text_fields", "item_text_separator", "ia_template",
-                                 "ia_items_per_prompt", "ia_desc_tokens", "ia_epochs", "ia_learning_rate",
-                                 "train_batch_size", "gllm_init", "gllm_k"]))
+            stages.append(TrainStage("item_text_alignment", modules=["item_proj", "head", "slots"],
+                                     batches=self.item_text_batches, loss=self.item_text_loss,
+                                     epochs="ia_epochs", learning_rate="ia_learning_rate",
+                                     config_keys=["item_text_fields", "item_text_separator", "ia_template",
+                                                  "ia_items_per_prompt", "ia_desc_tokens", "gllm_init", "gllm_k"]))
         return stages
+
+    def final_stage(self):
+        """Stage 4: user-item alignment, trained by RecBole's loop (validation, early stopping)."""
+        modules = ["user_proj" if self.use_ua else "user_id_emb", "head", "slots"]
+        if not self.use_ia:
+            modules.append("item_proj")
+        return TrainStage("user_item_alignment", modules=modules, batches=self.train_batches,
+                          loss=self.calculate_loss)
 
     # Stage 1: graph pretraining.
     def pretrain_graph(self, trainer, train_data, valid_data):
@@ -224,20 +233,8 @@ class GLTA(LLMRecommender, GeneralRecommender):
     def load_profiles(self, artifact):
         self.profile_texts, self.prediction_texts = artifact["profile"], artifact["prediction"]
 
-    # Stage 3: item-text alignment.
-    def align_item_text(self, trainer, train_data, valid_data):
-        params = self._set_trainable([self.item_proj, self.head]) + [self.slots]
-        self.slots.requires_grad_(True)
-        trainer.train_stage("item_text_alignment", self.item_text_batches, self.item_text_loss, params,
-                            self.config["ia_epochs"], self.config["ia_learning_rate"])
-        return {"item_proj": self.item_proj.state_dict(), "head": self.head.state_dict(), "slots": self.slots.data}
-
-    def load_item_alignment(self, artifact):
-        self.item_proj.load_state_dict(artifact["item_proj"])
-        self.head.load_state_dict(artifact["head"])
-        self.slots.data.copy_(artifact["slots"])
-
-    def item_text_batches(self, epoch):
+    # Stage 3: item-text alignment (a TrainStage: item projector, slots and GLLM head train).
+    def item_text_batches(self, train_data, epoch):
         rng = random.Random(self.config["seed"] * 1000 + epoch)
         items = list(range(1, self.n_items))
         rng.shuffle(items)
@@ -265,13 +262,6 @@ class GLTA(LLMRecommender, GeneralRecommender):
         return self._slot_loss(self._slot_logits(encoded, None), targets)
 
     # Stage 4 (final): user-item alignment, trained by RecBole's loop in LLMTrainer.
-    def start_final_stage(self):
-        modules = [self.user_proj if self.use_ua else self.user_id_emb, self.head]
-        if not self.use_ia:
-            modules.append(self.item_proj)
-        self._set_trainable(modules)
-        self.slots.requires_grad_(True)
-
     def train_batches(self, train_data, epoch):
         rng = random.Random(self.config["seed"] * 1000 + 500 + epoch)
         users = [u for u in range(1, self.n_users) if self.user_items[u]]
@@ -297,14 +287,6 @@ class GLTA(LLMRecommender, GeneralRecommender):
         return self._slot_loss(logits, [targets for _, _, targets in batch])
 
     # ----- the pieces every stage uses ------------------------------------------------------------------------
-    def _set_trainable(self, modules):
-        self.requires_grad_(False)
-        params = []
-        for module in modules:
-            module.requires_grad_(True)
-            params += list(module.parameters())
-        return params
-
     def item_tokens(self, items):
         return self.item_proj(self.item_emb[items.to(self.device)])
 
