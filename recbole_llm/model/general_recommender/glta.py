@@ -22,10 +22,11 @@ GLLM head (``gllm_init``):
                 (measured on ml-100k with SmolLM2: see BENCHMARKS.md).
 
 Inference (``inference``): ``glta`` reads the ranking off the first k slots (slot t places its best item not
-yet placed nor seen in training); ``fl`` places the top-k items of slot 1; ``ar`` feeds the item token chosen
-at slot t-1 as the input of slot t (autoregressive). Scores for RecBole's full ranking, the same rule for every
-variant: placed items score 1000 + (k - t) (slot order), every other item its best log-softmax over the slots;
-RecBole then masks the user's history and ranks.
+yet placed nor masked); ``fl`` places the top-k items of slot 1; ``ar`` feeds the item token chosen
+at slot t-1 as the input of slot t (autoregressive). Placement skips the items this evaluation masks (training
+items at validation, training + validation items at test). Scores for RecBole's full ranking come from
+``recbole_llm.model.ranking`` (the same rule for every variant): the k placed items first in slot order, then
+the best log-softmax over the slots of the next items up to ``ranking_top_k``, every other item tied below.
 
 Ablations: ``item_text_alignment: False`` (w/o IA: skip stage 3, train both projectors in stage 4),
 ``user_alignment: False`` (w/o UA: a learned user-ID embedding in place of the projected user token),
@@ -34,7 +35,6 @@ Ablations: ``item_text_alignment: False`` (w/o IA: skip stage 3, train both proj
 Users with fewer than k training items supervise only as many slots as they have items. A user with no
 training item has an empty history, a generated text from no items, and no training loss.
 """
-import hashlib
 import logging
 import random
 
@@ -44,7 +44,6 @@ import torch.nn.functional as F
 from recbole.model.abstract_recommender import GeneralRecommender
 from recbole.utils import InputType
 from torch import nn
-from tqdm import tqdm
 
 from recbole_llm.data.item_text import load_item_texts
 from recbole_llm.data.prompts import PromptTemplate, collate
@@ -54,12 +53,12 @@ from recbole_llm.llm.inputs import base_model
 from recbole_llm.model.abstract import LLMRecommender, Stage, TrainStage
 from recbole_llm.model.backbone import backbone_config, pretrain_backbone
 from recbole_llm.model.layers import Projector
+from recbole_llm.model.ranking import Ranking
 
 logger = logging.getLogger(__name__)
 
 BACKBONES = {"LightGCN": "LightGCN", "MF": "BPR", "BPR": "BPR", "DCCF": "DCCF"}
 INFERENCE = ("glta", "fl", "ar")
-PLACED_SCORE = 1000.0
 # The paper's ablations (§4.3, §4.4) and the GLLM head alternative, as config overrides.
 ABLATIONS = {
     "default": {},
@@ -138,7 +137,7 @@ class GLTA(LLMRecommender, GeneralRecommender):
         self.ua_template = PromptTemplate(self._ua_segments(config["ua_template"]), self.tokenizer)
         self.profile_texts, self.prediction_texts = [""] * self.n_users, [""] * self.n_users
         self._desc_ids = [self._tokens(t, config["ia_desc_tokens"]) for t in self.item_texts]
-        self._score_cache = (None, None)
+        self.ranking = Ranking(config, dataset, self._score_users)  # top-K cache, cleared in calculate_loss
         self.requires_grad_(False)
 
     # ----- options and data ------------------------------------------------------------------------------
@@ -282,6 +281,7 @@ class GLTA(LLMRecommender, GeneralRecommender):
         return [self._user_prompt(u, shown) for u, shown, _ in batch]
 
     def calculate_loss(self, batch):
+        self.ranking.clear()  # RecBole's restore_* idiom: the weights are about to change
         users = torch.tensor([u for u, _, _ in batch], device=self.device)
         logits = self._slot_logits(self.user_item_prompts(batch), self.user_emb[users])
         return self._slot_loss(logits, [targets for _, _, targets in batch])
@@ -323,50 +323,25 @@ class GLTA(LLMRecommender, GeneralRecommender):
     def _inference_history(self, user):
         return self.user_items[user][-self.config["ua_history_len"]:]
 
-    def _weights_fingerprint(self):
-        h = hashlib.sha1()
-        for name, p in sorted(self.named_parameters()):
-            if not name.startswith("llm."):
-                h.update(p.detach().float().cpu().numpy().tobytes())
-        for name in ("user_emb", "item_emb"):
-            h.update(getattr(self, name).cpu().numpy().tobytes())
-        h.update(repr((self.profile_texts[:3], self.prediction_texts[:3], self.inference)).encode())
-        return h.hexdigest()
-
     @torch.no_grad()
-    def _score_table(self):
-        """Scores of every item for every user, computed once per set of weights (valid and test share it)."""
-        key = self._weights_fingerprint()
-        if self._score_cache[0] == key:
-            return self._score_cache[1]
-        scores = torch.zeros(self.n_users, self.n_items)
-        users = list(range(1, self.n_users))
-        size = self.config["llm_eval_batch_size"]
-        bar = tqdm(range(0, len(users), size), desc="Score users", ncols=100, disable=not self.config["show_progress"])
-        for start in bar:
-            batch = users[start:start + size]
-            with torch.autocast(self.device.type, dtype=self.llm_dtype, enabled=bool(self.config["llm_autocast"])):
-                if self.inference == "ar":
-                    logp, placed = self._autoregressive(batch)
-                else:
-                    encoded = [self._user_prompt(u, self._inference_history(u)) for u in batch]
-                    logits = self._slot_logits(encoded, self.user_emb[torch.tensor(batch, device=self.device)])
-                    logp, placed = self._place(logits, batch)
-            scores[batch] = self._rank_scores(logp, placed).cpu()
-        self._score_cache = (key, scores)
-        return scores
+    def _score_users(self, batch, exclude):
+        """``Ranking``'s scorer: the k placed items of each user of ``batch`` and the best log-softmax over the
+        slots of every item (the fallback below them)."""
+        users = batch[self.USER_ID].tolist()
+        with torch.autocast(self.device.type, dtype=self.llm_dtype, enabled=bool(self.config["llm_autocast"])):
+            if self.inference == "ar":
+                logp, placed = self._autoregressive(users, exclude)
+            else:
+                encoded = [self._user_prompt(u, self._inference_history(u)) for u in users]
+                logits = self._slot_logits(encoded, self.user_emb[torch.tensor(users, device=self.device)])
+                logp, placed = self._place(logits, exclude)
+        return placed, logp.max(dim=1).values
 
-    def _seen_mask(self, users, n_items, device):
-        mask = torch.zeros(len(users), n_items, dtype=torch.bool, device=device)
-        for row, u in enumerate(users):
-            mask[row, self.user_items[u]] = True
-        mask[:, 0] = True  # the padding item
-        return mask
-
-    def _place(self, logits, users):
-        """Log-probabilities per slot and the k placed items: first-k slots (glta) or slot 1's top-k (fl)."""
+    def _place(self, logits, exclude):
+        """Log-probabilities per slot and the k placed items, never ``exclude``d (B, |I|): first-k slots (glta)
+        or slot 1's top-k (fl)."""
         logp = F.log_softmax(logits.float(), dim=-1)
-        available = logp.masked_fill(self._seen_mask(users, logp.shape[-1], logp.device).unsqueeze(1), -np.inf)
+        available = logp.masked_fill(exclude.unsqueeze(1), -np.inf)
         if self.inference == "fl":
             return logp, available[:, 0].topk(self.k, dim=-1).indices
         placed = []
@@ -377,7 +352,7 @@ class GLTA(LLMRecommender, GeneralRecommender):
             placed.append(slot.argmax(-1))
         return logp, torch.stack(placed, 1)
 
-    def _autoregressive(self, users):
+    def _autoregressive(self, users, exclude):
         """AR: slot t's input is the item token chosen at slot t-1 (KV cache, one slot per step)."""
         encoded = [self._user_prompt(u, self._inference_history(u), n_slots=1) for u in users]
         input_ids, attention, placeholder, vectors, _ = collate(encoded, self.tokenizer.pad_token_id, "left")
@@ -385,7 +360,7 @@ class GLTA(LLMRecommender, GeneralRecommender):
         base = base_model(self.llm)
         embeds = embed_inputs(self.llm, input_ids.to(self.device), placeholder.to(self.device), vectors)
         user_emb = self.user_emb[torch.tensor(users, device=self.device)]
-        seen = self._seen_mask(users, self.n_items, self.device)
+        seen = exclude
         out = base.model(inputs_embeds=embeds, attention_mask=attention, use_cache=True)
         logps, placed = [], []
         for t in range(self.k):
@@ -401,17 +376,16 @@ class GLTA(LLMRecommender, GeneralRecommender):
                                  use_cache=True)
         return torch.stack(logps, 1), torch.stack(placed, 1)
 
-    @staticmethod
-    def _rank_scores(logp, placed):
-        """Placed items: 1000 + (k - t), in slot order; every other item: its best log-probability over slots."""
-        scores = logp.max(dim=1).values
-        k = placed.shape[1]
-        order = torch.arange(k, 0, -1, device=scores.device, dtype=scores.dtype).expand(len(placed), k)
-        return scores.scatter(1, placed, PLACED_SCORE + order)
+    def set_eval_data(self, eval_data):
+        """Called by the trainer before it evaluates: placement skips what this evaluation masks (bug B1)."""
+        self.ranking.set_eval_data(eval_data)
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        self.ranking.clear()  # new weights: cached rankings are stale
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def predict(self, interaction):
-        table = self._score_table()
-        return table[interaction[self.USER_ID].cpu(), interaction[self.ITEM_ID].cpu()].to(self.device)
+        return self.ranking.predict(interaction, self.ITEM_ID, self.device)
 
     def full_sort_predict(self, interaction):
-        return self._score_table()[interaction[self.USER_ID].cpu()].reshape(-1).to(self.device)
+        return self.ranking.full_sort_predict(interaction, self.device)
