@@ -29,6 +29,10 @@ class LLMRecommender:
         return TrainStage("final", modules=[n for n, _ in self.named_children() if n != "llm"],
                           loss=self.calculate_loss)
 
+    def set_eval_data(self, eval_data):
+        """Called by the trainer before each evaluation (models that rank from a top-K list use it to skip the
+        items RecBole will mask: see ``recbole_llm.model.ranking``)."""
+
     @property
     def llm_dtype(self):
         llm = getattr(self, "llm", None)

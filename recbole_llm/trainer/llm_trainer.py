@@ -83,6 +83,11 @@ class LLMTrainer(Trainer):
         return self.train_steps(batches, loss_func or final.loss, self.optimizer, f"Train {epoch_idx:>5}",
                                 show_progress, autocast=final.autocast, epoch=epoch_idx)
 
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        """RecBole's evaluation; the model first learns which items this evaluation masks (``set_eval_data``)."""
+        self.model.set_eval_data(eval_data)
+        return super().evaluate(eval_data, load_best_model, model_file, show_progress)
+
     def _rewrap_distributed(self):
         """DDP registers the parameters that require grad when it wraps: wrap again when a stage changes them."""
         if not self.config["single_spec"]:
