@@ -172,3 +172,26 @@ def test_checkpoint_keeps_adapters_an_earlier_stage_trained(tiny_data, tmp_path)
     incomplete = {k: v for k, v in state.items() if "lora_" not in k}
     with pytest.raises(ConfigError, match="lacks the LLM's trained adapter"):
         fresh.load_state_dict(incomplete)
+
+
+def test_eval_before_training_keeps_the_start_when_training_only_hurts(tiny_data, tmp_path, monkeypatch):
+    """With ``eval_before_training`` the start is validated and checkpointed: when every trained epoch
+    validates worse (scripted scores), the best model is the start, and that is what gets tested."""
+    scores = iter([0.5, 0.3, 0.2])  # before training, epoch 0, epoch 1
+    monkeypatch.setattr(LLMTrainer, "_valid_epoch", lambda self, data, show_progress=False: (
+        next(scores), {"mrr@10": 0.0}))
+    config, model, train, valid, test = _setup(tiny_data, tmp_path, epochs=2, eval_before_training=True)
+    trainer = LLMTrainer(config, model)
+    start = model.item_bias.weight.detach().clone()
+    best_score, _ = trainer.fit(train, valid, saved=True)
+    assert best_score == 0.5 and not torch.equal(model.item_bias.weight, start)  # trained, then...
+    checkpoint = torch.load(trainer.saved_model_file, weights_only=False)
+    assert checkpoint["epoch"] == -1 and torch.equal(checkpoint["state_dict"]["item_bias.weight"], start)
+    trainer.evaluate(test, load_best_model=True)
+    assert torch.equal(model.item_bias.weight, start)  # ...the start is what gets tested
+
+    scores = iter([0.3, 0.2])
+    config, model, train, valid, test = _setup(tiny_data, tmp_path / "off", epochs=2)
+    trainer = LLMTrainer(config, model)
+    assert trainer.fit(train, valid, saved=True)[0] == 0.3  # without it: the best trained epoch
+    assert torch.load(trainer.saved_model_file, weights_only=False)["epoch"] == 0

@@ -58,7 +58,19 @@ class LLMTrainer(Trainer):
         self.optimizer = self._build_optimizer(params=params,
                                                learning_rate=self.final.setting(self.config, "learning_rate"))
         self.optimizer_steps = 0
+        if valid_data and self.config["eval_before_training"]:
+            self._evaluate_start(valid_data, verbose, saved, show_progress)
         return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+
+    def _evaluate_start(self, valid_data, verbose, saved, show_progress):
+        """Validate the model the final stage starts from and seed early stopping with it: training can then
+        only return a model at least as good on validation (the start is the best checkpoint until beaten)."""
+        score, result = self._valid_epoch(valid_data, show_progress=show_progress)
+        self.best_valid_score, self.best_valid_result, self.cur_step = score, result, 0
+        if verbose:
+            self.logger.info(set_color("before training", "green") + f" valid_score: {score:f}")
+        if saved:
+            self._save_checkpoint(-1, verbose=verbose)
 
     def train_stage(self, stage, train_data):
         """Train a ``TrainStage``; returns its artifact (the tensors it trained)."""
