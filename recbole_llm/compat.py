@@ -3,7 +3,7 @@
 1. ``torch.load`` defaults to ``weights_only=True`` since torch 2.6, but RecBole checkpoints pickle the
    Config object: RecBole's trainer gets a ``torch`` proxy whose ``load`` defaults to ``weights_only=False``.
 2. ``recbole.utils.get_model`` imports every RecBole module, including ``lightgbm``/``xgboost`` ones that
-   are not installed: unknown names must give one clear line instead (done in ``recbole_llm.utils``).
+   are not installed: unknown names must give one clear line instead (done in ``recbole_llm.registry``).
 3. RecBole's ``Config._init_device`` hard-codes the ``nccl`` backend and ``torch.cuda.set_device``:
    ``recbole_llm.config.Config`` chooses gloo on CPU, nccl on GPU; and RecBole's trainer wraps the model in
    ``DistributedDataParallel(device_ids=[rank])``, which fails for a CPU model: ``device_ids`` only on CUDA.

@@ -13,7 +13,7 @@ from recbole.config import Config as RecBoleConfig
 
 from recbole_llm import compat
 from recbole_llm.errors import ConfigError
-from recbole_llm.utils import PROPERTIES_DIR, get_model
+from recbole_llm.registry import PROPERTIES_DIR, get_model
 
 
 class Config(RecBoleConfig):
