@@ -95,6 +95,8 @@ def _write_item_text(folder, name, n_items, n_clusters):
 @pytest.fixture(scope="session")
 def tiny_seq_data(tmp_path_factory):
     return write_sequential_dataset(str(tmp_path_factory.mktemp("seqdata")))
+
+
 def write_labeled_dataset(root, name="labeled", n_users=30, n_items=30, per_user=12, n_cold=4, seed=0):
     """CTR data: ratings 1..5 (label ``threshold: {rating: 4}``, i.e. rating > 3) with timestamps for a
     time-ordered split (``eval_args: {split: {RS: [0.8, 0.1, 0.1]}, order: TO, group_by: ~, mode: labeled}``).
