@@ -3,7 +3,7 @@
 1. ``torch.load`` defaults to ``weights_only=True`` since torch 2.6, but RecBole checkpoints pickle the
    Config object: RecBole's trainer gets a ``torch`` proxy whose ``load`` defaults to ``weights_only=False``.
 2. ``recbole.utils.get_model`` imports every RecBole module, including ``lightgbm``/``xgboost`` ones that
-   are not installed: unknown names must give one clear line instead (done in ``recbole_llm.utils``).
+   are not installed: unknown names must give one clear line instead (done in ``recbole_llm.registry``).
 3. RecBole's ``Config._init_device`` hard-codes the ``nccl`` backend and ``torch.cuda.set_device``:
    ``recbole_llm.config.Config`` chooses gloo on CPU, nccl on GPU; and RecBole's trainer wraps the model in
    ``DistributedDataParallel(device_ids=[rank])``, which fails for a CPU model: ``device_ids`` only on CUDA.
@@ -21,6 +21,16 @@
    hyperopt>=0.2.7 cannot use (it calls ``rng.integers``), and ``plot_hyper`` casts with ``np.str``, which
    numpy 1.24 removed: that module gets a ``numpy`` proxy with ``default_rng`` and ``str``. Scripts that
    build a ``HyperTuning`` call ``apply()`` first (the exhaustive search runs before any Config exists).
+7. RecBole's metric registry (``recbole.evaluator.register``: ``metric_types``, ``metric_information``,
+   ``metrics_dict``, ``smaller_metrics``) is built once from ``recbole.evaluator.metrics``, so Config rejects
+   any other metric: ``register_metric`` adds ours (``recbole_llm.evaluator.metrics``: ``UAUC``), usable in
+   ``metrics`` and as ``valid_metric``.
+8. RecBole's ``Collector`` passes no user ids to the metrics, and in a multi-process run each rank computes
+   every metric on its own shard (with the ``DistributedSampler``'s padding row) before ``_map_reduce``
+   averages them: wrong for per-user metrics, approximate for AUC. RecBole's trainer gets
+   ``recbole_llm.evaluator.collector.Collector`` (``data.user`` for metrics that need it; padding dropped and
+   rows gathered from all ranks before the metrics run), ``evaluate`` tells it which loader it evaluates, and
+   ``_map_reduce`` returns the already global result unchanged.
 """
 import types
 import warnings
@@ -118,6 +128,44 @@ class _NumpyProxy(types.ModuleType):
         return getattr(self._numpy, name)
 
 
+def register_metric(metric_class):
+    """Make ``metric_class`` (RecBole's ``AbstractMetric`` style) a metric RecBole's Config and Evaluator know."""
+    from recbole.evaluator import register
+
+    name = metric_class.__name__.lower()
+    register.metrics_dict[name] = metric_class
+    register.metric_information[name] = metric_class.metric_need
+    register.metric_types[name] = metric_class.metric_type
+    if metric_class.smaller and name not in register.smaller_metrics:
+        register.smaller_metrics.append(name)
+
+
+def _evaluate_begins_collector(evaluate):
+    """Wrap ``Trainer.evaluate`` so that our collector knows the loader (its sampler's padding) first."""
+    import functools
+
+    @functools.wraps(evaluate)
+    def wrapper(self, eval_data, *args, **kwargs):
+        if hasattr(self.eval_collector, "begin"):
+            self.eval_collector.begin(eval_data)
+        return evaluate(self, eval_data, *args, **kwargs)
+
+    return wrapper
+
+
+def _map_reduce_unless_gathered(map_reduce):
+    """``Trainer._map_reduce`` averages per-rank metrics; a result from gathered rows is already global."""
+    import functools
+
+    @functools.wraps(map_reduce)
+    def wrapper(self, result, num_sample):
+        if getattr(self.eval_collector, "gathered", False):
+            return result
+        return map_reduce(self, result, num_sample)
+
+    return wrapper
+
+
 def apply():
     global _APPLIED
     if _APPLIED:
@@ -128,6 +176,13 @@ def apply():
     recbole_trainer.torch = _TorchProxy()
     recbole_trainer.AbstractTrainer.__init__ = _abstract_trainer_init
     recbole_trainer.Trainer.evaluate = _evaluate_rank0_checkpoint(recbole_trainer.Trainer.evaluate)
+    from recbole_llm.evaluator.collector import Collector
+    from recbole_llm.evaluator.metrics import UAUC
+
+    register_metric(UAUC)
+    recbole_trainer.Collector = Collector
+    recbole_trainer.Trainer.evaluate = _evaluate_begins_collector(recbole_trainer.Trainer.evaluate)
+    recbole_trainer.Trainer._map_reduce = _map_reduce_unless_gathered(recbole_trainer.Trainer._map_reduce)
     import recbole.trainer.hyper_tuning as recbole_hyper_tuning
 
     recbole_hyper_tuning.np = _NumpyProxy()

@@ -1,19 +1,32 @@
 """``Config``: RecBole's configurator, with our models found first and our YAML overlaid on RecBole's.
 
 Order of the internal (default) configuration, later wins:
-  RecBole's overall / model / sample / dataset YAML and its sequential / context-aware presets
+  RecBole's overall / model / sample / dataset YAML and its model-type preset (``quick_start_config``:
+  sequential, context-aware, knowledge)
   -> our ``properties/overall.yaml`` (keys RecBole does not have: LLM, stage cache)
-  -> our ``properties/dataset/<dataset>.yaml`` -> our ``properties/model/<Model>.yaml``.
+  -> our ``properties/dataset/<dataset>.yaml``, except the keys the model type's preset sets
+  -> our ``properties/model/<Model>.yaml``.
 Anything the user passes (config files, config dict, command line) wins over all of these, as in RecBole.
+
+The dataset rule: in RecBole a model type's preset is loaded after the dataset YAML and wins over it, so a
+sequential model keeps leave-one-out (``split: {LS: valid_and_test}``, ``order: TO``) and a context-aware model
+keeps labeled evaluation on any dataset. Our dataset YAML keeps that place: a key it shares with the preset
+(``eval_args``, ``repeatable``, ``train_neg_sample_args``, ``metrics``, ``valid_metric``, ``load_col``, ...)
+is dropped, so e.g. ``dataset/ml-1m.yaml``'s random split applies to general models only. A model YAML of ours
+(the model's own protocol) and the user's values still override the preset.
 """
 import os
 
+import recbole
 import torch
+import yaml
 from recbole.config import Config as RecBoleConfig
 
 from recbole_llm import compat
 from recbole_llm.errors import ConfigError
-from recbole_llm.utils import PROPERTIES_DIR, get_model
+from recbole_llm.registry import PROPERTIES_DIR, get_model
+
+_RECBOLE_PRESETS_DIR = os.path.join(os.path.dirname(recbole.__file__), "properties", "quick_start_config")
 
 
 class Config(RecBoleConfig):
@@ -40,17 +53,30 @@ class Config(RecBoleConfig):
         return model.__name__, model, dataset
 
     def _load_internal_config_dict(self, model, model_class, dataset):
+        self._preset_keys = set()
         super()._load_internal_config_dict(model, model_class, dataset)
-        overlays = [
-            os.path.join(PROPERTIES_DIR, "overall.yaml"),
-            os.path.join(PROPERTIES_DIR, "dataset", f"{dataset}.yaml"),
-            os.path.join(PROPERTIES_DIR, "model", f"{model}.yaml"),
-        ]
-        for file in overlays:
-            if os.path.isfile(file):
-                loaded = self._update_internal_config_dict(file) or {}
-                if "dataset" in os.path.dirname(file):
-                    self.parameters["Dataset"] += [k for k in loaded if k not in self.parameters["Dataset"]]
+        dataset_file = os.path.join(PROPERTIES_DIR, "dataset", f"{dataset}.yaml")
+        self._update_internal_config_dict(os.path.join(PROPERTIES_DIR, "overall.yaml"))
+        if os.path.isfile(dataset_file):
+            loaded = self._load_yaml(dataset_file)
+            # RecBole's model-type preset wins over a dataset YAML (module docstring).
+            loaded = {k: v for k, v in loaded.items() if k not in self._preset_keys}
+            self.internal_config_dict.update(loaded)
+            self.parameters["Dataset"] += [k for k in loaded if k not in self.parameters["Dataset"]]
+        model_file = os.path.join(PROPERTIES_DIR, "model", f"{model}.yaml")
+        if os.path.isfile(model_file):
+            self._update_internal_config_dict(model_file)
+
+    def _update_internal_config_dict(self, file):
+        """RecBole's, noting the keys its model-type presets (``quick_start_config/*.yaml``) set."""
+        loaded = super()._update_internal_config_dict(file) or {}
+        if os.path.samefile(os.path.dirname(file), _RECBOLE_PRESETS_DIR):
+            self._preset_keys.update(loaded)
+        return loaded
+
+    def _load_yaml(self, file):
+        with open(file, encoding="utf-8") as f:
+            return yaml.load(f.read(), Loader=self.yaml_loader) or {}
 
     def _init_device(self):
         """RecBole's device set-up, with gloo on CPU and nccl on GPU for multi-process runs."""

@@ -52,3 +52,38 @@ def test_the_yaml_files_ship_inside_the_package(tmp_path):
                      "dataset_converters/movielens.py"]:
         assert required in names
     assert os.path.isfile(os.path.join(PROPERTIES_DIR, "model", "GLTA.yaml"))
+
+
+def test_dataset_yaml_never_overrides_a_model_type_preset(tmp_path):
+    """properties/dataset/ml-1m.yaml asks for a random 8:1:1 split: a general model gets it, a sequential model
+    keeps RecBole's leave-one-out preset, a context-aware model its labeled preset."""
+    from recbole_llm.utils import create_dataset, data_preparation
+    from tests.conftest import write_tiny_dataset
+
+    write_tiny_dataset(str(tmp_path), name="ml-1m", n_users=10, n_items=30, per_user=6)
+    sasrec = Config("SASRec", "ml-1m", config_dict={"data_path": str(tmp_path), "train_neg_sample_args": None})
+    assert sasrec["eval_args"]["split"] == {"LS": "valid_and_test"} and sasrec["eval_args"]["order"] == "TO"
+    assert sasrec["load_col"]["inter"] == ["user_id", "item_id", "rating", "timestamp"]  # the rest still applies
+    _, valid_data, test_data = data_preparation(sasrec, create_dataset(sasrec))
+    for split in (valid_data, test_data):  # leave-one-out: one held-out row per user
+        users = split.dataset.inter_feat["user_id"].numpy()
+        assert len(users) == len(set(users)) == 10
+
+    bpr = Config("BPR", "ml-1m", config_dict={"data_path": str(tmp_path)})
+    assert bpr["eval_args"]["split"] == {"RS": [0.8, 0.1, 0.1]} and bpr["eval_args"]["order"] == "RO"
+    assert Config("FM", "ml-1m", config_dict={"data_path": str(tmp_path)})["eval_args"]["group_by"] is None
+    # The user's values still win over the preset.
+    user_split = {"split": {"RS": [0.6, 0.2, 0.2]}, "order": "TO", "mode": "full"}
+    mine = Config("SASRec", "ml-1m", config_dict={"data_path": str(tmp_path), "train_neg_sample_args": None,
+                                                  "eval_args": user_split})
+    assert mine["eval_args"]["split"] == {"RS": [0.6, 0.2, 0.2]}
+
+
+def test_model_lookup_imports_no_model():
+    import subprocess
+    import sys
+
+    code = ("import sys, recbole_llm.registry, recbole_llm.utils, recbole_llm.config; "
+            "print(sorted(m for m in sys.modules if m.startswith('recbole_llm.model')))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "[]", out

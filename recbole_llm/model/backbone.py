@@ -19,7 +19,7 @@ from recbole.sampler import Sampler
 from recbole.utils import get_trainer as recbole_get_trainer
 
 from recbole_llm.compat import torch_load
-from recbole_llm.utils import PROPERTIES_DIR, get_model
+from recbole_llm.registry import PROPERTIES_DIR, get_model
 
 logger = logging.getLogger(__name__)
 
