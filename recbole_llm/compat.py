@@ -21,11 +21,20 @@
    hyperopt>=0.2.7 cannot use (it calls ``rng.integers``), and ``plot_hyper`` casts with ``np.str``, which
    numpy 1.24 removed: that module gets a ``numpy`` proxy with ``default_rng`` and ``str``. Scripts that
    build a ``HyperTuning`` call ``apply()`` first (the exhaustive search runs before any Config exists).
+7. RecBole's trainer saves checkpoints with ``torch.save`` straight to the final name: a Ctrl-C, a kill or a
+   full disk mid-save leaves a truncated ``.pth`` (and overwrites the previous best one). Its ``torch`` proxy
+   (fix 1) saves atomically (``atomic_save``): a temporary file in the same folder, renamed over the target
+   once complete; on any failure the temporary file is removed, the previous checkpoint is intact and an
+   ``OSError`` becomes one ``WriteError`` line (``cannot write checkpoint PATH: No space left on device``).
+   RecBole's own models (BPR, LightGCN, ...) and ours get it alike.
 """
+import os
 import types
 import warnings
 
 import torch
+
+from recbole_llm.errors import WriteError
 
 _APPLIED = False
 
@@ -36,8 +45,29 @@ def torch_load(f, map_location=None, **kwargs):
     return torch.load(f, map_location=map_location, **kwargs)
 
 
+def atomic_save(obj, f, **kwargs):
+    """``torch.save`` to a path that is replaced only by a complete file (see fix 7)."""
+    if not isinstance(f, (str, os.PathLike)):
+        return torch.save(obj, f, **kwargs)
+    path = os.fspath(f)
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "xb") as out:
+            torch.save(obj, out, **kwargs)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise WriteError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
+        raise
+
+
 class _TorchProxy(types.ModuleType):
-    """``torch`` as seen from RecBole's trainer module, with a checkpoint-friendly ``load``."""
+    """``torch`` as seen from RecBole's trainer module: checkpoint-friendly ``load``, atomic ``save``."""
 
     def __init__(self):
         super().__init__("torch")
@@ -46,6 +76,7 @@ class _TorchProxy(types.ModuleType):
         return getattr(torch, name)
 
     load = staticmethod(torch_load)
+    save = staticmethod(atomic_save)
 
 
 def check_versions():
