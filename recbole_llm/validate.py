@@ -83,7 +83,7 @@ def ListOf(item, allow_single=True):
             return True
         return isinstance(v, (list, tuple)) and len(v) > 0 and all(item.ok(x) for x in v)
 
-    return Spec(ok, f"a list of {item.text.replace('an ', '').replace('a ', '')}s")
+    return Spec(ok, f"{item.text}, or a list of them" if allow_single else f"a list of ({item.text})")
 
 
 BOOL = Spec(lambda v: isinstance(v, bool), "True or False")
@@ -178,7 +178,7 @@ OPTIONS = {
     "train_batch_size": Int(1),
     "learner": Choice("adam", "sgd", "adagrad", "rmsprop", "sparse_adam", case=False),
     "learning_rate": Number(0, low_open=True),
-    "train_neg_sample_args": NONE | DICT,
+    "train_neg_sample_args": NONE | Spec(lambda v: v == "None", "None") | DICT,
     "eval_step": Int(0),
     "stopping_step": Int(0),
     "clip_grad_norm": NONE | DICT,
@@ -350,7 +350,8 @@ def scan_atomic_file(path, sep, encoding, float_columns=(), key_column=None):
 
     Returns (rows, the set of values of ``key_column``, or None). Blank lines are skipped, as pandas does.
     """
-    n_fields = len(read_header(path, sep, encoding))
+    header = read_header(path, sep, encoding)
+    n_fields = len(header)
     need_split = bool(float_columns) or key_column is not None
     keys = set() if key_column is not None else None
     rows = 0
@@ -378,8 +379,8 @@ def scan_atomic_file(path, sep, encoding, float_columns=(), key_column=None):
                         try:
                             float(value)
                         except ValueError:
-                            raise ConfigError(f"{path}, line {line_no}: column {i + 1} is a float column, "
-                                              f"got {value!r}") from None
+                            raise ConfigError(f"{path}, line {line_no}: column '{header[i][0]}' is a float "
+                                              f"column, got {value!r}") from None
                 if keys is not None:
                     keys.add(fields[key_column])
                 rows += 1
