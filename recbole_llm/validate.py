@@ -33,13 +33,18 @@ FEATURE_TYPES = ("token", "token_seq", "float", "float_seq")
 
 # ----- option table ----------------------------------------------------------------------------------------
 class Spec:
-    """An expected value: ``ok(value)`` says whether it fits, ``text`` says what fits (for the message)."""
+    """An expected value: ``ok(value)`` says whether it fits, ``text`` what fits (a string, or a function
+    for choices read when the message is written: RecBole's registered metrics, our LLM dtypes)."""
 
     def __init__(self, ok, text):
-        self.ok, self.text = ok, text
+        self.ok, self._text = ok, text
+
+    @property
+    def text(self):
+        return self._text() if callable(self._text) else self._text
 
     def __or__(self, other):
-        return Spec(lambda v: self.ok(v) or other.ok(v), f"{self.text} or {other.text}")
+        return Spec(lambda v: self.ok(v) or other.ok(v), lambda: f"{self.text} or {other.text}")
 
 
 def _is_int(v):
@@ -77,13 +82,14 @@ def Choice(*choices, case=True):
                 "one of " + ", ".join(map(str, choices)))
 
 
-def ListOf(item, allow_single=True):
+def ListOf(item):
+    """One ``item`` or a non-empty list of them (RecBole takes ``topk: 10`` as ``[10]``)."""
     def ok(v):
-        if allow_single and item.ok(v):
-            return True
-        return isinstance(v, (list, tuple)) and len(v) > 0 and all(item.ok(x) for x in v)
+        return item.ok(v) or (isinstance(v, (list, tuple)) and len(v) > 0 and all(item.ok(x) for x in v))
 
-    return Spec(ok, f"{item.text}, or a list of them" if allow_single else f"a list of ({item.text})")
+    spec = Spec(ok, lambda: f"{item.text}, or a list of them")
+    spec.item = item  # the message names the first element that does not fit
+    return spec
 
 
 BOOL = Spec(lambda v: isinstance(v, bool), "True or False")
@@ -104,9 +110,10 @@ def _known_metrics():
     return ", ".join(sorted(metric_types))
 
 
-METRIC = Spec(_metric_ok, "a metric RecBole knows")
+METRIC = Spec(_metric_ok, lambda: f"a metric RecBole knows ({_known_metrics()})")
 VALID_METRIC = Spec(lambda v: isinstance(v, str) and _metric_ok(v.split("@")[0])
-                    and (len(v.split("@")) == 1 or v.split("@")[1].isdigit()), "METRIC or METRIC@K")
+                    and (len(v.split("@")) == 1 or v.split("@")[1].isdigit()),
+                    lambda: f"METRIC or METRIC@K, METRIC one RecBole knows ({_known_metrics()})")
 ENCODING = Spec(lambda v: isinstance(v, str) and _codec_known(v), "a Python text encoding")
 EVAL_MODE = Spec(lambda v: isinstance(v, str) and _eval_mode_ok(v), "full, labeled, uniN or popN")
 
@@ -158,7 +165,7 @@ TRAIN_NEG_SAMPLE_ARGS = {
 
 OPTIONS = {
     # RecBole: environment
-    "gpu_id": Spec(lambda v: isinstance(v, (str, int, tuple)) and not isinstance(v, bool), "a GPU id list"),
+    "gpu_id": Spec(lambda v: isinstance(v, (str, int, tuple)) and not isinstance(v, bool), "GPU ids, e.g. '0,1'"),
     "worker": Int(0),
     "use_gpu": BOOL,
     "seed": Int(),
@@ -211,10 +218,10 @@ OPTIONS = {
     "item_inter_num_interval": NONE | STR,
     # ours (properties/overall.yaml)
     "llm_path": NONE | STR,
-    "llm_dtype": Spec(lambda v: isinstance(v, str) and v in _llm_dtypes(), "one of " + ", ".join(
-        ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32"))) | NONE,
+    "llm_dtype": Spec(lambda v: isinstance(v, str) and v in _llm_dtypes(),
+                      lambda: "one of " + ", ".join(_llm_dtypes())) | NONE,
     "llm_quantization": Spec(lambda v: v is False or (isinstance(v, str) and v.lower() in _llm_quantizations()),
-                             "one of auto, none, 4bit, 8bit") | NONE,
+                             lambda: "one of " + ", ".join(_llm_quantizations())) | NONE,
     "llm_cache_dir": NONE | STR,
     "llm_gradient_checkpointing": BOOL,
     "lora_r": Int(0),
@@ -250,8 +257,11 @@ def check_option(key, value, where="", table=OPTIONS, prefix=""):
     spec = table.get(key)
     suffix = f" ({where})" if where else ""
     if spec is not None and not spec.ok(value):
-        known = f"; RecBole's metrics: {_known_metrics()}" if key in ("metrics", "valid_metric") else ""
-        raise ConfigError(f"{prefix}{key}: expected {spec.text}, got {value!r}{suffix}{known}")
+        item = getattr(spec, "item", None)
+        if item is not None and isinstance(value, (list, tuple)) and value:
+            bad = next(x for x in value if not item.ok(x))
+            raise ConfigError(f"{prefix}{key}: {bad!r} in {value!r} is not {item.text}{suffix}")
+        raise ConfigError(f"{prefix}{key}: expected {spec.text}, got {value!r}{suffix}")
     nested = NESTED.get(key) if table is OPTIONS else None
     if nested is not None and isinstance(value, dict):
         for sub, sub_value in value.items():
@@ -268,13 +278,11 @@ def check_options(options, where=None):
 
 def check_final_options(config):
     """What only the merged config can tell: the valid metric is one that is computed."""
-    metric, _, k = str(config["valid_metric"]).partition("@")
-    metrics = [m.lower() for m in (config["metrics"] if isinstance(config["metrics"], list) else [config["metrics"]])]
-    if metric.lower() not in metrics:
+    metric, _, k = config["valid_metric"].partition("@")  # RecBole has made metrics and topk lists
+    if metric.lower() not in [m.lower() for m in config["metrics"]]:
         raise ConfigError(f"valid_metric: {config['valid_metric']} is not among metrics {config['metrics']}")
-    topk = config["topk"] if isinstance(config["topk"], list) else [config["topk"]]
-    if k and int(k) not in topk:
-        raise ConfigError(f"valid_metric: {config['valid_metric']} needs {k} in topk {topk}")
+    if k and int(k) not in config["topk"]:
+        raise ConfigError(f"valid_metric: {config['valid_metric']} needs {k} in topk {config['topk']}")
 
 
 # ----- config files ----------------------------------------------------------------------------------------
@@ -345,12 +353,12 @@ def read_header(path, sep, encoding):
     return columns
 
 
-def scan_atomic_file(path, sep, encoding, float_columns=(), key_column=None):
-    """Stream the rows after the header: every row has the header's field count and parsing floats.
+def scan_atomic_file(path, header, sep, encoding, float_columns=(), key_column=None):
+    """Stream the rows after the ``header`` (``read_header``): each has the header's field count, and the
+    values of the ``float_columns`` (indices) parse. Blank lines are skipped, as pandas does.
 
-    Returns (rows, the set of values of ``key_column``, or None). Blank lines are skipped, as pandas does.
+    Returns (rows, the set of values of column ``key_column``, or None). Memory: that set only.
     """
-    header = read_header(path, sep, encoding)
     n_fields = len(header)
     need_split = bool(float_columns) or key_column is not None
     keys = set() if key_column is not None else None
@@ -419,7 +427,7 @@ def check_atomic_files(config, item_text=False):
         floats = [i for i, (name, ftype) in enumerate(header) if ftype == "float" and _loaded(config, source, name)]
         iid = config["ITEM_ID_FIELD"]
         key = names.index(iid) if iid in names and source in ("inter", "item") else None
-        _, keys = scan_atomic_file(path, sep, encoding, floats, key)
+        _, keys = scan_atomic_file(path, header, sep, encoding, floats, key)
         if source == "item" and keys is not None:
             item_ids = keys
         elif keys is not None:
