@@ -53,6 +53,7 @@ def atomic_save(obj, f, **kwargs):
     folder, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
     try:
+        os.makedirs(folder, exist_ok=True)
         with open(tmp, "xb") as out:
             torch.save(obj, out, **kwargs)
             out.flush()

@@ -280,6 +280,26 @@ def test_interrupted_checkpoint_save_leaves_no_truncated_file(tmp_path, monkeypa
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()],
+                         ids=["disk-full", "ctrl-c"])
+def test_failed_stage_save_keeps_the_previous_stage_file(failure, tmp_path, monkeypatch):
+    """The stage cache's own atomic write (``recbole_llm.stages.atomic_save``) under the same injected failures."""
+    from recbole_llm.stages import atomic_save
+
+    target = str(tmp_path / "stages" / "texts-0123.pt")
+    atomic_save({"texts": ["old"]}, target)
+
+    def failing(obj, f, **kwargs):
+        f.write(b"partial")
+        raise failure
+
+    monkeypatch.setattr(torch, "save", failing)
+    with pytest.raises(type(failure)):
+        atomic_save({"texts": ["new"]}, target)
+    monkeypatch.undo()
+    assert torch.load(target)["texts"] == ["old"] and os.listdir(tmp_path / "stages") == ["texts-0123.pt"]
+
+
 def test_disk_full_during_training_is_one_line(bad, monkeypatch):
     """A run whose checkpoint cannot be written: exit 1, one line, no traceback."""
     import recbole_llm.compat as compat_module
