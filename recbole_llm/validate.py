@@ -11,7 +11,7 @@ it is raised (the CLI prints it as ``recbole-llm: error: ...`` and exits with co
 - Atomic files (``.inter`` / ``.item`` / ``.user`` that RecBole would load, honouring ``load_col``,
   ``unload_col``, ``field_separator``, ``encoding``, ``benchmark_filename``): a header of ``name:type``
   columns of RecBole's types, the id columns present, every row with the header's field count, a float
-  column that parses, at least one row. Streamed line by line (ml-100k: ~0.1 s; 1M rows: ~1.5 s).
+  column that parses, at least one row. Streamed line by line (``bench/validate_speed.py``).
   Items the ``.inter`` references that the ``.item`` lacks are returned as a warning with a count.
 - LLM models: ``llm_path`` is ``smollm2``, ``tiny-random`` or a Hugging Face model folder;
   ``item_text_fields`` are columns of the ``.item`` file; the model's own ``_check_options``.
