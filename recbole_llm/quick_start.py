@@ -16,9 +16,9 @@ from recbole.utils import get_environment, get_flops, init_logger, init_seed, se
 
 from recbole_llm.compat import torch_load
 from recbole_llm.config import Config
-from recbole_llm.validate import validate
 from recbole_llm.errors import ConfigError, WriteError
 from recbole_llm.utils import create_dataset, data_preparation, get_model, get_trainer
+from recbole_llm.validate import validate
 
 
 def _is_llm_model(model_class):
@@ -126,7 +126,7 @@ def _result(config, best_valid_score, best_valid_result, test_result):
 
 
 def _load_checkpoint(model_file, device):
-    """A checkpoint written by RecBole's / our trainer: a dict with ``config`` (ours) and ``state_dict``."""
+    """A checkpoint written by RecBole's trainer (ours included): a dict with a ``config`` and a ``state_dict``."""
     if not os.path.isfile(model_file):
         raise ConfigError(f"checkpoint not found: {model_file}")
     try:
