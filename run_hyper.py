@@ -8,6 +8,7 @@ format: ``name choice [..]`` / ``uniform low,high`` / ``quniform low,high,q`` / 
 Any other ``--key=value`` goes to every trial's Config, as with RecBole's scripts.
 """
 import argparse
+import os
 import sys
 
 from recbole_llm.errors import ConfigError
@@ -26,6 +27,23 @@ def fixed_objective(model=None, dataset=None):
         return objective_function(dict(fixed, **(config_dict or {})), config_file_list, saved)
 
     return objective
+
+
+def check_params_file(params_file, model=None, dataset=None, config_file_list=None):
+    """The search space parses and names only options RecBole, recbole-llm or the model's YAML know,
+    and the fixed config is valid: one ``ConfigError`` line before any trial runs."""
+    from recbole.config.configurator import (dataset_arguments, evaluation_arguments, general_arguments,
+                                             training_arguments)
+
+    from recbole_llm.config import Config
+    from recbole_llm.validate import OPTIONS, check_params_file as check_space
+
+    if not os.path.isfile(params_file):
+        raise ConfigError(f"--params_file: no such file {params_file}")
+    config = Config(model, dataset, config_file_list)
+    known = (set(config.final_config_dict) | set(OPTIONS) | set(general_arguments) | set(training_arguments)
+             | set(evaluation_arguments) | set(dataset_arguments))
+    check_space(params_file, known)
 
 
 def main(argv=None):
@@ -60,6 +78,7 @@ def main(argv=None):
 
     compat.apply()
     try:
+        check_params_file(args.params_file, args.model, args.dataset, config_file_list)
         hp = HyperTuning(fixed_objective(args.model, args.dataset), algo=args.algo, max_evals=args.max_evals,
                          early_stop=args.early_stop, params_file=args.params_file,
                          fixed_config_file_list=config_file_list, display_file=args.display_file)

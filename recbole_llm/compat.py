@@ -12,12 +12,10 @@
    writing it: every rank now reads rank 0's file, once rank 0 has saved it.
 4. In a multi-process run RecBole's ``evaluate(load_best_model=True)`` has each rank load its own (never written)
    checkpoint name: every rank loads the file rank 0 wrote (broadcast, which also waits for the write).
-5. RecBole's hyper-tuning calls ``np.random.RandomState(...).integers`` (hyperopt >= 0.2.7 needs a Generator)
-   and ``np.str``: its module sees a numpy proxy with both.
-6. numpy<2, pandas<3, scipy<1.12 and setuptools<81 are pinned in ``pyproject.toml`` (recbole uses
+5. numpy<2, pandas<3, scipy<1.12 and setuptools<81 are pinned in ``pyproject.toml`` (recbole uses
    ``np.float``-era APIs, ``dok_matrix._update`` and ray's ``pkg_resources``); ``check_versions`` says so
    in one line if the environment drifted.
-5. ``recbole.trainer.hyper_tuning`` draws exhaustive-search points with ``np.random.RandomState``, which
+6. ``recbole.trainer.hyper_tuning`` draws exhaustive-search points with ``np.random.RandomState``, which
    hyperopt>=0.2.7 cannot use (it calls ``rng.integers``), and ``plot_hyper`` casts with ``np.str``, which
    numpy 1.24 removed: that module gets a ``numpy`` proxy with ``default_rng`` and ``str``. Scripts that
    build a ``HyperTuning`` call ``apply()`` first (the exhaustive search runs before any Config exists).
@@ -31,11 +29,20 @@
    ``recbole_llm.evaluator.collector.Collector`` (``data.user`` for metrics that need it; padding dropped and
    rows gathered from all ranks before the metrics run), ``evaluate`` tells it which loader it evaluates, and
    ``_map_reduce`` returns the already global result unchanged.
+9. RecBole's trainer saves checkpoints with ``torch.save`` straight to the final name: a Ctrl-C, a kill or a
+   full disk mid-save leaves a truncated ``.pth`` (and overwrites the previous best one). Its ``torch`` proxy
+   (fix 1) saves atomically (``atomic_save``): a temporary file in the same folder, renamed over the target
+   once complete; on any failure the temporary file is removed, the previous checkpoint is intact and an
+   ``OSError`` becomes one ``WriteError`` line (``cannot write checkpoint PATH: No space left on device``).
+   RecBole's own models (BPR, LightGCN, ...) and ours get it alike; the stage cache saves the same way.
 """
+import os
 import types
 import warnings
 
 import torch
+
+from recbole_llm.errors import WriteError
 
 _APPLIED = False
 
@@ -46,8 +53,30 @@ def torch_load(f, map_location=None, **kwargs):
     return torch.load(f, map_location=map_location, **kwargs)
 
 
+def atomic_save(obj, f, **kwargs):
+    """``torch.save`` to a path that is replaced only by a complete file (see fix 7)."""
+    if not isinstance(f, (str, os.PathLike)):
+        return torch.save(obj, f, **kwargs)
+    path = os.fspath(f)
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(tmp, "xb") as out:
+            torch.save(obj, out, **kwargs)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise WriteError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
+        raise
+
+
 class _TorchProxy(types.ModuleType):
-    """``torch`` as seen from RecBole's trainer module, with a checkpoint-friendly ``load``."""
+    """``torch`` as seen from RecBole's trainer module: checkpoint-friendly ``load``, atomic ``save``."""
 
     def __init__(self):
         super().__init__("torch")
@@ -56,6 +85,7 @@ class _TorchProxy(types.ModuleType):
         return getattr(torch, name)
 
     load = staticmethod(torch_load)
+    save = staticmethod(atomic_save)
 
 
 def check_versions():

@@ -22,7 +22,7 @@ import torch
 import yaml
 from recbole.config import Config as RecBoleConfig
 
-from recbole_llm import compat
+from recbole_llm import compat, validate
 from recbole_llm.errors import ConfigError
 from recbole_llm.registry import PROPERTIES_DIR, get_model
 
@@ -38,6 +38,36 @@ class Config(RecBoleConfig):
             if not os.path.isfile(file):
                 raise ConfigError(f"config file not found: {file}")
         super().__init__(model, dataset, config_file_list, config_dict)
+
+    def _load_config_files(self, file_list):
+        """RecBole's, with a YAML error given as one line with the file and line (``validate.load_yaml_file``)."""
+        self._option_source = {}
+        file_config_dict = {}
+        for file in file_list or []:
+            loaded = validate.load_yaml_file(file, self.yaml_loader)
+            file_config_dict.update(loaded)
+            self._option_source.update(dict.fromkeys(loaded, file))
+        return file_config_dict
+
+    def _load_cmd_line(self):
+        try:
+            return super()._load_cmd_line()
+        except SyntaxError as e:  # RecBole's message for --key=a --key=b
+            raise ConfigError(f"command line: {e.msg}") from None
+
+    def _merge_external_config_dict(self):
+        """RecBole's merge, then every value the user gave checked against ``validate.OPTIONS``
+        (before RecBole's own checks, which would raise deep in the run or with a traceback)."""
+        super()._merge_external_config_dict()
+
+        def where(key):
+            if key in self.cmd_config_dict:
+                return f"--{key} on the command line"
+            if key in self.variable_config_dict:
+                return "config_dict"
+            return f"in {self._option_source[key]}" if key in self._option_source else ""
+
+        validate.check_options(self.external_config_dict, where)
 
     def _get_model_and_dataset(self, model, dataset):
         if model is None:

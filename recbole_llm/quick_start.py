@@ -11,12 +11,14 @@ from logging import getLogger
 
 import torch
 import torch.distributed as dist
+from recbole.config import Config as RecBoleConfig
 from recbole.utils import get_environment, get_flops, init_logger, init_seed, set_color
 
 from recbole_llm.compat import torch_load
 from recbole_llm.config import Config
-from recbole_llm.errors import ConfigError
-from recbole_llm.utils import check_dataset, create_dataset, data_preparation, get_model, get_trainer
+from recbole_llm.errors import ConfigError, WriteError
+from recbole_llm.utils import create_dataset, data_preparation, get_model, get_trainer
+from recbole_llm.validate import validate
 
 
 def _is_llm_model(model_class):
@@ -35,8 +37,8 @@ def run(model, dataset, config_file_list=None, config_dict=None, saved=True,
     world_size = nproc if world_size == -1 else world_size
     config_dict = dict(config_dict or {})
     config_dict.update(world_size=world_size, ip=ip, port=port, nproc=nproc, offset=group_offset)
-    # Bad options fail here with one ConfigError, not once per spawned process with a traceback.
-    check_dataset(Config(model, dataset, config_file_list, config_dict))
+    # Bad input fails here with one ConfigError, not once per spawned process with a traceback.
+    validate(Config(model, dataset, config_file_list, config_dict))
     queue = mp.get_context("spawn").SimpleQueue()
     mp.spawn(_run_rank, args=(model, dataset, config_file_list, config_dict, saved, queue), nprocs=nproc, join=True)
     return None if queue.empty() else queue.get()
@@ -51,10 +53,12 @@ def _run_rank(rank, model, dataset, config_file_list, config_dict, saved, queue)
 def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, queue=None):
     """Train and test ``model`` on ``dataset``: RecBole's ``run_recbole`` with recbole-llm's lookups."""
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
-    check_dataset(config)  # before logging starts: the CLI prints one line
+    warnings = validate(config)  # before logging starts: nothing is written, the CLI prints one line
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = getLogger()
+    for warning in warnings:
+        logger.warning(warning)
     logger.info(sys.argv)
     logger.info(config)
 
@@ -91,11 +95,14 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
 def objective_function(config_dict=None, config_file_list=None, saved=True):
     """The objective ``recbole.trainer.HyperTuning`` calls for each trial (RecBole's, without ray)."""
     config = Config(config_dict=config_dict, config_file_list=config_file_list)
+    warnings = validate(config)
     init_seed(config["seed"], config["reproducibility"])
     logger = getLogger()
     for handler in logger.handlers[:]:
         logger.removeHandler(handler)
     init_logger(config)
+    for warning in warnings:
+        logger.warning(warning)
     logging.basicConfig(level=logging.ERROR)
     dataset = create_dataset(config)
     train_data, valid_data, test_data = data_preparation(config, dataset)
@@ -118,22 +125,45 @@ def _result(config, best_valid_score, best_valid_result, test_result):
     }
 
 
+def _load_checkpoint(model_file, device):
+    """A checkpoint written by RecBole's trainer (ours included): a dict with a ``config`` and a ``state_dict``."""
+    if not os.path.isfile(model_file):
+        raise ConfigError(f"checkpoint not found: {model_file}")
+    try:
+        checkpoint = torch_load(model_file, map_location=device)
+    except Exception as e:  # noqa: BLE001 - any failure to unpickle means it is not a checkpoint
+        raise ConfigError(f"{model_file}: not a checkpoint torch can read ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0] if str(e).strip() else 'empty'})") from None
+    if not isinstance(checkpoint, dict) or not {"config", "state_dict"} <= set(checkpoint):
+        raise ConfigError(f"{model_file}: not a recbole-llm / RecBole checkpoint (no config and state_dict)")
+    if not isinstance(checkpoint["config"], RecBoleConfig):
+        raise ConfigError(f"{model_file}: not a recbole-llm / RecBole checkpoint (its config is a "
+                          f"{type(checkpoint['config']).__name__})")
+    return checkpoint
+
+
 def load_data_and_model(model_file):
     """Config, model, dataset and dataloaders from a checkpoint; a GPU checkpoint loads on a CPU machine."""
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    checkpoint = torch_load(model_file, map_location=device)
+    checkpoint = _load_checkpoint(model_file, device)
     config = checkpoint["config"]
     config["device"] = device
     config["single_spec"], config["local_rank"] = True, 0
     if device.type == "cpu":
         config["gpu_id"] = ""
+    validate(config)
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     dataset = create_dataset(config)
     train_data, valid_data, test_data = data_preparation(config, dataset)
     init_seed(config["seed"], config["reproducibility"])
     model = get_model(config["model"])(config, train_data._dataset).to(device)
-    model.load_state_dict(checkpoint["state_dict"])
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as e:  # keys or shapes that are not this model's (e.g. another dataset's item count)
+        first = str(e).strip().splitlines()[1:2] or [str(e)]
+        raise ConfigError(f"{model_file}: its state_dict does not fit model {config['model']} "
+                          f"on {config['dataset']}: {first[0].strip()}") from None
     model.load_other_parameter(checkpoint.get("other_parameter"))
     model.eval()
     return config, model, dataset, train_data, valid_data, test_data
@@ -158,4 +188,11 @@ def main(argv=None):
     except ConfigError as e:
         print(f"recbole-llm: error: {e}", file=sys.stderr)
         return 2
+    except WriteError as e:
+        print(f"recbole-llm: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("recbole-llm: interrupted: no checkpoint or stage file is left half-written; "
+              "finished stages are kept and reused next run", file=sys.stderr)
+        return 130
     return 0

@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional
 
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 from recbole.utils import init_seed, set_color
 
-from recbole_llm.compat import torch_load
+from recbole_llm.compat import atomic_save, torch_load
 
 logger = logging.getLogger(__name__)
 
@@ -116,20 +115,6 @@ def _jsonable(value):
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
-
-
-def atomic_save(obj, path):
-    """``torch.save`` to a temporary file in the same folder, then rename: never a half-written file."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 class StageCache:

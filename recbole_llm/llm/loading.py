@@ -121,6 +121,15 @@ def resolve_quantization(name, device):
     return name
 
 
+def check_llm_folder(path):
+    """``path`` as a local Hugging Face model folder (``llm_path`` other than smollm2 / tiny-random)."""
+    if not os.path.isdir(path):
+        raise ConfigError(f"llm_path: no such folder '{path}' (use smollm2, tiny-random or a local HF model folder)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"llm_path: '{path}' is not a Hugging Face model folder (no config.json)")
+    return path
+
+
 def load_llm(config, device=None, new_tokens=None):
     """(model, tokenizer) from the config's ``llm_*`` keys: frozen, in eval mode, LoRA added if ``lora_r``.
 
@@ -139,12 +148,8 @@ def load_llm(config, device=None, new_tokens=None):
         folder = smollm2_folder(cache_dir)
     elif path == "tiny-random":
         folder = tiny_random_folder(cache_dir)
-    elif not os.path.isdir(path):
-        raise ConfigError(f"llm_path: no such folder '{path}' (use smollm2, tiny-random or a local HF model folder)")
-    elif not os.path.isfile(os.path.join(path, "config.json")):
-        raise ConfigError(f"llm_path: '{path}' is not a Hugging Face model folder (no config.json)")
     else:
-        folder = path
+        folder = check_llm_folder(path)
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
