@@ -184,7 +184,7 @@ OPTIONS = {
     "epochs": Int(1),
     "train_batch_size": Int(1),
     "learner": Choice("adam", "sgd", "adagrad", "rmsprop", "sparse_adam", case=False),
-    "learning_rate": Number(0, low_open=True),
+    "learning_rate": Number(0),  # 0 is allowed: evaluates the untrained model
     "train_neg_sample_args": NONE | Spec(lambda v: v == "None", "None") | DICT,
     "eval_step": Int(0),
     "stopping_step": Int(0),
@@ -232,6 +232,8 @@ OPTIONS = {
     "gradient_accumulation_steps": Int(1),
     "warmup_steps": Int(0),
     "rebuild_stages": BOOL,
+    "eval_before_training": BOOL,
+    "ranking_top_k": Int(1),
     "item_text_fields": NONE | ListOf(STR),
     "item_text_separator": Spec(lambda v: isinstance(v, str), "a string"),
     "llm_eval_batch_size": Int(1),
