@@ -12,7 +12,7 @@ from recbole.utils import ModelType
 
 from recbole_llm.model.abstract import LLMRecommender
 from recbole_llm.quick_start import load_data_and_model, run_recbole_llm
-from recbole_llm.utils import available_models, get_model
+from recbole_llm.registry import available_models, get_model
 from recbole_llm.trainer import LLMTrainer
 from tests import conftest
 
@@ -24,11 +24,16 @@ SMALL = {"llm_path": "tiny-random", "epochs": 1, "train_batch_size": 8, "eval_ba
 
 
 def _data(model_type, root):
+    """(data_path, config for that kind of data)."""
     if model_type == ModelType.SEQUENTIAL:
-        return conftest.write_sequential_dataset(root, name="smoke")
+        return conftest.write_sequential_dataset(root, name="smoke"), {}
     if model_type == ModelType.CONTEXT:
-        return conftest.write_labeled_dataset(root, name="smoke")
-    return conftest.write_tiny_dataset(root, name="smoke")
+        root = conftest.write_labeled_dataset(root, name="smoke", n_items=30)[0]
+        conftest._write_item_text(os.path.join(root, "smoke"), "smoke", n_items=30, n_clusters=3)
+        labeled = conftest.labeled_config(root, name="smoke")
+        return root, {k: labeled[k] for k in ("load_col", "unused_col", "threshold", "eval_args", "metrics",
+                                              "valid_metric")}
+    return conftest.write_tiny_dataset(root, name="smoke"), {}
 
 
 def test_the_smoke_test_finds_the_llm_models():
@@ -38,8 +43,8 @@ def test_the_smoke_test_finds_the_llm_models():
 @pytest.mark.parametrize("model", LLM_MODELS)
 def test_every_llm_model_runs_end_to_end_and_reloads(model, tmp_path):
     model_class = get_model(model)
-    root = _data(model_class.type, str(tmp_path / "data"))
-    config = dict(SMALL, data_path=root, checkpoint_dir=str(tmp_path / "saved"))
+    root, data_config = _data(model_class.type, str(tmp_path / "data"))
+    config = dict(SMALL, **data_config, data_path=root, checkpoint_dir=str(tmp_path / "saved"))
     result = run_recbole_llm(model, "smoke", config_dict=config)
     assert result["test_result"] and all(0.0 <= v <= 1.0 for v in result["test_result"].values())
 
