@@ -243,13 +243,13 @@ NESTED = {"eval_args": EVAL_ARGS, "train_neg_sample_args": TRAIN_NEG_SAMPLE_ARGS
 
 
 def _llm_dtypes():
-    from recbole_llm.llm.loading import DTYPES
+    from recbole_llm.llm.precision import DTYPES
 
     return DTYPES
 
 
 def _llm_quantizations():
-    from recbole_llm.llm.loading import QUANTIZATIONS
+    from recbole_llm.llm.precision import QUANTIZATIONS
 
     return QUANTIZATIONS
 

@@ -35,7 +35,7 @@ def _untrained_and_trained(tiny_data, tmp_path):
     cfg = Config("GLTA", "tiny", config_dict=config)
     dataset = create_dataset(cfg)
     train, valid, test = data_preparation(cfg, dataset)
-    untrained = GLTA(cfg, train._dataset)
+    untrained = GLTA(cfg, train._dataset).to(cfg["device"])
     trainer = get_trainer(cfg["MODEL_TYPE"], "GLTA")(cfg, untrained)
     return trainer.evaluate(test, load_best_model=False), result
 
@@ -119,7 +119,7 @@ def test_a_user_without_training_items_is_scored_and_not_trained(tiny_data, tmp_
     cfg = Config("GLTA", "tiny", config_dict=config)
     dataset = create_dataset(cfg)
     train, valid, test = data_preparation(cfg, dataset)
-    model = GLTA(cfg, train._dataset)
+    model = GLTA(cfg, train._dataset).to(cfg["device"])
     model.user_items[5] = []
     assert all(u != 5 for batch in model.train_batches(train, 0) for u, _, _ in batch)
     scores = model.full_sort_predict({model.USER_ID: torch.tensor([5])})
@@ -134,3 +134,71 @@ def test_item_text_is_recovered_exactly(tiny_data):
     texts = load_item_texts(cfg, dataset)
     internal = dataset.field2token_id[dataset.iid_field]["7"]
     assert texts[internal] == "Movie  number 7, Horror"  # two spaces kept: RecBole's token_seq would lose them
+
+
+def _tiny_glta(tiny_data, **overrides):
+    cfg = Config("GLTA", "tiny", config_dict=tiny_config(tiny_data, **overrides))
+    train, _, _ = data_preparation(cfg, create_dataset(cfg))
+    return cfg, train
+
+
+def _devices(model):
+    return {t.device for t in list(model.parameters()) + list(model.buffers())}
+
+
+def test_glta_is_built_whole_on_the_llms_device(tiny_data, monkeypatch):
+    """The LLM is loaded on config["device"]: GLTA's own buffers and layers must join it, even without .to()
+    (on one GPU the LLM sat on CUDA, the CF buffers on CPU: 'indices should be either on cpu or on the same
+    device'). The meta device stands in for the GPU here."""
+    from recbole_llm.llm import load_llm
+    from recbole_llm.model.general_recommender import glta
+
+    meta = torch.device("meta")
+    cfg, train = _tiny_glta(tiny_data)
+    cfg["device"] = meta
+
+    def llm_on_meta(config):
+        llm, tokenizer = load_llm(config, device=torch.device("cpu"))
+        return llm.to(meta), tokenizer
+
+    monkeypatch.setattr(glta, "load_llm", llm_on_meta)
+    monkeypatch.setattr(glta, "embedding_std", lambda llm: 0.02)  # reads a value: not on meta
+    model = GLTA(cfg, train._dataset)
+    assert _devices(model) == {meta} and model.device == meta
+    assert model.user_token(3).device == meta and model.item_tokens(torch.tensor([1, 2])).device == meta
+
+
+def test_moving_glta_moves_every_tensor_and_its_device(tiny_data):
+    cfg, train = _tiny_glta(tiny_data)
+    model = GLTA(cfg, train._dataset)
+    assert _devices(model) == {cfg["device"]}
+    model.to("meta")
+    assert _devices(model) == {torch.device("meta")} and model.device == torch.device("meta")
+    assert model.user_token(3).device.type == "meta"  # new indices are made where the model is
+    model.to_empty(device="cpu")
+    assert _devices(model) == {torch.device("cpu")} and model.device == torch.device("cpu")
+
+
+def test_glta_runs_wholly_in_fp32_on_a_cpu_without_native_bf16(tiny_data, monkeypatch):
+    """No hidden bf16 on the CPU path: generation, training loss and scoring all run in fp32."""
+    from recbole_llm.llm.precision import autocast_context
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    cfg, train = _tiny_glta(tiny_data)
+    model = GLTA(cfg, train._dataset).to(cfg["device"])
+    assert model.llm_dtype == torch.float32
+    seen = set()
+
+    def record(module, args, kwargs, output):
+        seen.add(output.last_hidden_state.dtype)
+        seen.update(t.dtype for t in kwargs.values() if torch.is_tensor(t) and t.is_floating_point())
+
+    model.llm.model.register_forward_hook(record, with_kwargs=True)
+    texts = model.generate_profiles(None, train, None)
+    assert len(texts["profile"]) == model.n_users
+    with autocast_context(model.device, model.llm_dtype, cfg["llm_autocast"]):  # as the trainer does
+        loss = model.calculate_loss(model.train_batches(train, 0)[0])
+    assert loss.dtype == torch.float32
+    model.full_sort_predict({model.USER_ID: torch.tensor([1, 2])})
+    assert seen == {torch.float32}

@@ -9,6 +9,7 @@ import torch
 from recbole_llm.data.prompts import PromptTemplate, collate
 from recbole_llm.errors import ConfigError
 from recbole_llm.llm import embed_inputs, generate_texts, last_hidden_states, load_llm
+from recbole_llm.llm.precision import choose_dtype
 
 
 def llm_config(**overrides):
@@ -24,10 +25,11 @@ def tiny():
     return load_llm(llm_config())
 
 
-def test_tiny_random_is_frozen_bf16_on_cpu(tiny):
+def test_tiny_random_is_frozen_in_the_auto_dtype(tiny):
     llm, tokenizer = tiny
     assert llm.config.num_hidden_layers == 2 and llm.config.hidden_size == 64
-    assert next(llm.parameters()).dtype == torch.bfloat16  # auto -> bf16 on CPU
+    # auto: bf16 on a CPU with native bf16, else fp32 (every hardware case: test_precision.py)
+    assert {p.dtype for p in llm.parameters()} == {choose_dtype("auto", torch.device("cpu"))[0]}
     assert not any(p.requires_grad for p in llm.parameters())
     assert tokenizer.padding_side == "left" and tokenizer.pad_token is not None
 
@@ -41,7 +43,7 @@ def test_placeholder_vectors_reach_the_llm_and_get_gradients(tiny):
     input_ids, attention, placeholder, vectors, positions = collate(encoded, tokenizer.pad_token_id, "left")
     assert placeholder.sum() == vectors.shape[0] == 7
     embeds = embed_inputs(llm, input_ids, placeholder, vectors)
-    assert torch.allclose(embeds[placeholder].float(), vectors.to(torch.bfloat16).float())
+    assert torch.allclose(embeds[placeholder].float(), vectors.to(embeds.dtype).float())
     hidden = last_hidden_states(llm, input_ids, attention, placeholder, vectors)
     assert positions[0]["slots"] == [input_ids.shape[1] - 1]  # left padding: slots end every row
     hidden[:, -1].float().sum().backward()

@@ -17,13 +17,11 @@ import time
 import torch
 
 from recbole_llm.errors import ConfigError
+from recbole_llm.llm.precision import DTYPE_NAMES, choose_dtype, choose_quantization
 
 logger = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-QUANTIZATIONS = ("auto", "none", "4bit", "8bit")
-DTYPES = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-          "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
 
 
 def default_cache_dir():
@@ -102,23 +100,29 @@ def tiny_random_folder(cache_dir=None):
     return _atomic_folder(target, write)
 
 
-def resolve_dtype(name, device):
-    if name not in DTYPES:
-        raise ConfigError(f"llm_dtype: unknown value '{name}' (choose from {', '.join(DTYPES)})")
-    if DTYPES[name] is not None:
-        return DTYPES[name]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16
+class _OnceFilter(logging.Filter):
+    """Lets a log message that starts with ``prefix`` through once per process, then drops it."""
+
+    def __init__(self, prefix):
+        super().__init__()
+        self.prefix, self.seen = prefix, False
+
+    def filter(self, record):
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        shown, self.seen = self.seen, True
+        return not shown
 
 
-def resolve_quantization(name, device):
-    name = "none" if name in (None, False) else str(name).lower()
-    if name not in QUANTIZATIONS:
-        raise ConfigError(f"llm_quantization: unknown value '{name}' (choose from {', '.join(QUANTIZATIONS)})")
-    if name == "auto":
-        return "4bit" if device.type == "cuda" else "none"
-    return name
+# bitsandbytes' 8-bit matmul logs this for every linear layer of every forward pass whose inputs are not fp16
+# (thousands of lines per run): its content matters once.
+BNB_CAST_WARNING = _OnceFilter("MatMul8bitLt: inputs will be cast")
+
+
+def _quiet_bnb_cast_warning():
+    bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if BNB_CAST_WARNING not in bnb_logger.filters:
+        bnb_logger.addFilter(BNB_CAST_WARNING)
 
 
 def check_llm_folder(path):
@@ -140,8 +144,7 @@ def load_llm(config, device=None, new_tokens=None):
 
     device = device or config["device"]
     path = config["llm_path"] or "smollm2"
-    dtype = resolve_dtype(str(config["llm_dtype"] or "auto"), device)
-    quantization = resolve_quantization(config["llm_quantization"], device)
+    dtype, dtype_reason = choose_dtype(config["llm_dtype"], device)
     cache_dir = config["llm_cache_dir"] or default_cache_dir()
 
     if path == "smollm2":
@@ -150,6 +153,9 @@ def load_llm(config, device=None, new_tokens=None):
         folder = tiny_random_folder(cache_dir)
     else:
         folder = check_llm_folder(path)
+    quantization, quantization_reason = choose_quantization(config["llm_quantization"], device, folder, dtype)
+    logger.info(f"llm dtype: {DTYPE_NAMES[dtype]} ({dtype_reason})")
+    logger.info(f"llm quantization: {quantization} ({quantization_reason})")
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -160,6 +166,8 @@ def load_llm(config, device=None, new_tokens=None):
     tokenizer.padding_side = "left"
 
     kwargs = {"dtype": dtype}
+    if quantization == "8bit":
+        _quiet_bnb_cast_warning()
     if quantization != "none":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=quantization == "4bit", load_in_8bit=quantization == "8bit",

@@ -50,6 +50,7 @@ from recbole_llm.data.prompts import PromptTemplate, collate
 from recbole_llm.errors import ConfigError
 from recbole_llm.llm import embed_inputs, embedding_std, generate_texts, last_hidden_states, load_llm
 from recbole_llm.llm.inputs import base_model
+from recbole_llm.llm.precision import autocast_context
 from recbole_llm.model.abstract import LLMRecommender, Stage, TrainStage
 from recbole_llm.model.backbone import backbone_config, pretrain_backbone
 from recbole_llm.model.layers import Projector
@@ -139,6 +140,13 @@ class GLTA(LLMRecommender, GeneralRecommender):
         self._desc_ids = [self._tokens(t, config["ia_desc_tokens"]) for t in self.item_texts]
         self.ranking = Ranking(config, dataset, self._score_users)  # top-K cache, cleared in calculate_loss
         self.requires_grad_(False)
+        self.to(self.device)  # the LLM is loaded there already: buffers, projectors and head join it
+
+    def _apply(self, fn, *args, **kwargs):
+        """``.to()`` / ``.cuda()`` / ``.cpu()`` move every tensor; ``self.device`` (where new indices go) follows."""
+        module = super()._apply(fn, *args, **kwargs)
+        self.device = self.item_emb.device
+        return module
 
     # ----- options and data ------------------------------------------------------------------------------
     @staticmethod
@@ -328,7 +336,7 @@ class GLTA(LLMRecommender, GeneralRecommender):
         """``Ranking``'s scorer: the k placed items of each user of ``batch`` and the best log-softmax over the
         slots of every item (the fallback below them)."""
         users = batch[self.USER_ID].tolist()
-        with torch.autocast(self.device.type, dtype=self.llm_dtype, enabled=bool(self.config["llm_autocast"])):
+        with autocast_context(self.device, self.llm_dtype, self.config["llm_autocast"]):
             if self.inference == "ar":
                 logp, placed = self._autoregressive(users, exclude)
             else:
