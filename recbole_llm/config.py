@@ -126,6 +126,8 @@ class Config(RecBoleConfig):
                 ip=os.environ.get("MASTER_ADDR", "localhost"), port=os.environ.get("MASTER_PORT", "5678"),
                 torchrun=True)
         cfg = self.final_config_dict
+        if use_cuda:
+            _check_visible_gpus(int(cfg.get("nproc") or 1), gpu_id)
         if "local_rank" not in cfg:
             cfg["single_spec"] = True
             cfg["local_rank"] = 0
@@ -147,3 +149,18 @@ class Config(RecBoleConfig):
             cfg["state"] = "error"
             cfg["show_progress"] = False
             cfg["verbose"] = False
+
+
+def _check_visible_gpus(nproc, gpu_id):
+    """Each of the ``nproc`` processes on this machine takes one GPU: fail in one line, before any is spawned."""
+    named = len([i for i in gpu_id.split(",") if i.strip()])
+    count = torch.cuda.device_count()
+    if nproc <= min(named, count):
+        return
+    prefix = f"nproc: {nproc} processes on CUDA need {nproc} GPUs, but "
+    cpu = "or --use_gpu=False to run them on CPU (gloo)"
+    if named < nproc:
+        default = " (the default)" if gpu_id == "0" else ""
+        raise ConfigError(f"{prefix}gpu_id='{gpu_id}'{default} names {named}: pass --gpu_id="
+                          f"{','.join(map(str, range(nproc)))} on a machine with {nproc} GPUs, {cpu}")
+    raise ConfigError(f"{prefix}only {count} of gpu_id='{gpu_id}' are visible: use --nproc={count}, {cpu}")

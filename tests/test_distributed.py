@@ -1,4 +1,5 @@
-"""Multi-process training (RecBole's ``nproc`` / ``world_size`` / ``ip`` / ``port``) with gloo on CPU.
+"""Multi-process training (RecBole's ``nproc`` / ``world_size`` / ``ip`` / ``port``): gloo on CPU on any machine
+(``use_gpu: False``), nccl on CUDA where there are as many GPUs as ranks; too few GPUs fail in one line.
 
 A model trained by 2 spawned processes (``recbole_llm.quick_start.run(nproc=2)``) must evaluate like the same
 model trained by 1 process with the same seed, within training noise: the two runs see the same batches in a
@@ -17,9 +18,12 @@ from recbole_llm.quick_start import run
 # over seeds), of 2 processes 0.2441 +- 0.0054; the largest 1-vs-2-process gap for one seed was 5.8 % of the
 # value for ndcg@10, 6.3 % for recall@10, 3.6 % for hit@10, 8.0 % for mrr@10, 3.7 % for precision@10.
 # 12 % relative is above every measured gap and well below what a broken run gives (untrained: ndcg@10 ~0.01).
+BPR = {"epochs": 5, "learning_rate": 0.01}
 CASES = [
     # (model, dataset, config_dict, relative tolerance on every test metric, floor on ndcg@10 for both runs)
-    pytest.param("BPR", "ml-100k", {"epochs": 5, "learning_rate": 0.01}, 0.12, 0.15, id="BPR"),
+    pytest.param("BPR", "ml-100k", dict(BPR, use_gpu=False), 0.12, 0.15, id="BPR-gloo-cpu"),
+    pytest.param("BPR", "ml-100k", dict(BPR, gpu_id="0,1"), 0.12, 0.15, id="BPR-nccl-cuda", marks=pytest.mark.skipif(
+        torch.cuda.device_count() < 2, reason=f"2 ranks need 2 GPUs, {torch.cuda.device_count()} visible")),
 ]
 
 
@@ -61,8 +65,10 @@ def test_glta_two_processes_evaluate_like_one(tiny_data, tmp_path, monkeypatch, 
     from tests.conftest import tiny_config
 
     monkeypatch.setattr(sys, "argv", [sys.argv[0]])
-    single = run("GLTA", "tiny", config_dict=tiny_config(tiny_data, checkpoint_dir=str(tmp_path / "one")))
-    multi = run("GLTA", "tiny", config_dict=tiny_config(tiny_data, checkpoint_dir=str(tmp_path / "two")),
+    single = run("GLTA", "tiny", config_dict=tiny_config(tiny_data, checkpoint_dir=str(tmp_path / "one"),
+                                                         use_gpu=False))
+    multi = run("GLTA", "tiny", config_dict=tiny_config(tiny_data, checkpoint_dir=str(tmp_path / "two"),
+                                                        use_gpu=False),
                 nproc=2, ip="localhost", port=_free_port())
     assert multi is not None, "rank 0 returned no result"
     one, two = dict(single["test_result"]), dict(multi["test_result"])
@@ -70,3 +76,64 @@ def test_glta_two_processes_evaluate_like_one(tiny_data, tmp_path, monkeypatch, 
     # 0.482; an untrained GLTA scores about 0.1 here, see test_glta.py).
     assert one["ndcg@10"] > 0.3 and two["ndcg@10"] > 0.3, (one, two)
     assert two["ndcg@10"] == pytest.approx(one["ndcg@10"], abs=0.1), (one, two)
+
+
+@pytest.fixture
+def gpus(monkeypatch):
+    """A machine with ``n`` visible GPUs (``torch.cuda`` monkeypatched); CUDA_VISIBLE_DEVICES restored after."""
+    monkeypatch.setattr(sys, "argv", [sys.argv[0]])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    for name in ("LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+
+    def machine(n):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+
+    return machine
+
+
+def test_more_processes_than_gpus_fails_in_one_line_before_spawning(gpus, capsys, monkeypatch):
+    import torch.multiprocessing as mp
+
+    from recbole_llm.quick_start import main
+
+    def cli(*args):
+        argv = ["--model=BPR", "--dataset=ml-100k", *args]
+        monkeypatch.setattr(sys, "argv", ["run_recbole_llm.py", *argv])  # Config reads --key=value from there
+        return main(argv)
+
+    monkeypatch.setattr(mp, "spawn", lambda *args, **kwargs: pytest.fail("spawned"))
+    gpus(2)
+    assert cli("--nproc=2") == 2  # gpu_id defaults to '0': one GPU
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("recbole-llm: error: nproc: 2 processes on CUDA need 2 GPUs")
+    assert "gpu_id='0' (the default) names 1: pass --gpu_id=0,1" in err[0] and "--use_gpu=False" in err[0]
+
+    gpus(1)
+    assert cli("--nproc=2", "--gpu_id=0,1") == 2
+    assert "only 1 of gpu_id='0,1' are visible: use --nproc=1" in capsys.readouterr().err
+
+
+def test_enough_gpus_or_cpu_pass_the_check(gpus):
+    from recbole_llm.config import Config
+
+    gpus(2)
+    config = Config("BPR", "ml-100k", config_dict={"nproc": 2, "world_size": 2, "gpu_id": "0,1"})
+    assert config["device"].type == "cuda"
+    config = Config("BPR", "ml-100k", config_dict={"nproc": 4, "world_size": 4, "use_gpu": False})
+    assert config["device"].type == "cpu"  # gloo on CPU: any number of processes
+    gpus(0)
+    assert Config("BPR", "ml-100k", config_dict={"nproc": 2, "world_size": 2})["device"].type == "cpu"
+
+
+def test_torchrun_with_too_few_gpus_fails_in_one_line(gpus, monkeypatch):
+    from recbole_llm.config import Config
+    from recbole_llm.errors import ConfigError
+
+    gpus(1)
+    for name, value in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: pytest.fail("initialised"))
+    with pytest.raises(ConfigError, match="nproc: 2 processes on CUDA need 2 GPUs"):
+        Config("BPR", "ml-100k")
