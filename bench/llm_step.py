@@ -1,11 +1,17 @@
-"""Frozen-LLM forward+backward through recbole-llm's LLM layer vs a plain transformers loop, same batch.
+"""LLM step throughput per dtype, the dtype ``auto`` picks here, and recbole-llm's LLM layer vs plain transformers.
 
-    python bench/llm_step.py [--llm_path smollm2] [--batch 8] [--length 128] [--repeats 5]
+    python bench/llm_step.py [--device cpu|cuda] [--llm_path smollm2] [--dtypes fp32,bf16] [--batch 4]
+                             [--length 64] [--repeats 3] [--skip_glta] [--llm7b]
 
-Prints tokens/s of both (interleaved repeats, medians, measured in this one run), their ratio, the achieved
-TFLOP/s as a fraction of this machine's bf16 matmul throughput (measured here with a large matmul), and the
-same for GLTA's two alignment stages (item-text and user-item loss + backward on real ml-100k prompts) against
-the plain loop on the very same token batch.
+Prints the hardware it detected (CPU: AMX / AVX512-BF16 as torch detects them and the /proc/cpuinfo flags;
+CUDA: the GPU), what ``llm_dtype: auto`` and ``llm_quantization: auto`` choose here and why, then for each dtype
+side by side (one run, interleaved repeats, medians):
+  - a frozen-LLM forward + backward to the inputs through our layer vs the plain transformers loop, same batch:
+    tok/s of both, their ratio, TFLOP/s and MFU (model FLOPs / step time / the matmul peak measured in this run,
+    in bf16 on CUDA; on CPU in the row's own dtype);
+  - greedy generation (our KV-cache loop, as profile generation runs it): prompts x decode steps / time;
+then GLTA's two alignment steps (real ml-100k prompts, ``auto`` dtype) vs the plain loop on the same tokens.
+On CUDA, ``--llm7b`` adds a Llama-2-7B-shaped random model in bf16 and 4-bit (saved once under the LLM cache).
 """
 import argparse
 import os
@@ -19,17 +25,59 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from recbole_llm.data.prompts import collate  # noqa: E402
 from recbole_llm.llm import last_hidden_states, load_llm  # noqa: E402
+from recbole_llm.llm.generation import chat_prompt, greedy_decode  # noqa: E402
+from recbole_llm.llm.loading import _atomic_folder, default_cache_dir, smollm2_folder  # noqa: E402
+from recbole_llm.llm.precision import (DTYPE_NAMES, DTYPES, autocast_context, choose_dtype,  # noqa: E402
+                                       choose_quantization, cpu_bf16_features)
+
+HEADER = (f"{'step':<36} {'dtype':>8} {'tokens':>7} {'ours tok/s':>11} {'plain tok/s':>11} {'ratio':>6} "
+          f"{'TFLOP/s':>8} {'MFU':>6}")
 
 
-def bf16_peak_tflops(size=2048, repeats=10):
-    a = torch.randn(size, size, dtype=torch.bfloat16)
-    b = torch.randn(size, size, dtype=torch.bfloat16)
-    a @ b
-    best = 0.0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = max(best, 2 * size ** 3 / (time.perf_counter() - start) / 1e12)
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device, fn, *args):
+    sync(device)
+    start = time.perf_counter()
+    fn(*args)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def hardware(device):
+    """One line naming the hardware and what torch and the kernel say about its bf16 support."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"GPU {props.name}, {props.total_memory / 1024 ** 3:.0f} GiB, compute capability {props.major}.{props.minor}"
+    model, flags = "unknown CPU", set()
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    detected = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in cpu_bf16_features().items())
+    cpuinfo = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("amx_tile", "amx_bf16", "avx512_bf16", "avx2"))
+    return (f"CPU {model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads; torch detects {detected} "
+            f"(capability {torch.backends.cpu.get_cpu_capability()}); /proc/cpuinfo: {cpuinfo}")
+
+
+def matmul_peak_tflops(device, dtype, seconds=1.0):
+    """The best TFLOP/s of a square matmul in ``dtype`` on ``device`` (repeated for about ``seconds``)."""
+    size = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    timed(device, torch.matmul, a, b)
+    best, spent = 0.0, 0.0
+    while spent < seconds:
+        elapsed = timed(device, torch.matmul, a, b)
+        spent += elapsed
+        best = max(best, 2 * size ** 3 / elapsed / 1e12)
     return best
 
 
@@ -48,54 +96,78 @@ def our_step(llm, input_ids, attention, placeholder, vectors):
     loss.backward()
 
 
-def timed(fn, *args):
-    start = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - start
-
-
-def synthetic_batch(tokenizer, hidden, batch, length, n_vectors=16):
-    input_ids = torch.randint(100, 40000, (batch, length))
+def synthetic_batch(hidden, batch, length, device, n_vectors=16):
+    input_ids = torch.randint(100, 30000, (batch, length), device=device)
     attention = torch.ones_like(input_ids)
     placeholder = torch.zeros_like(input_ids, dtype=torch.bool)
     placeholder[:, 4:4 + n_vectors] = True
-    vectors = torch.randn(batch * n_vectors, hidden, requires_grad=True)
+    vectors = torch.randn(batch * n_vectors, hidden, device=device, requires_grad=True)
     return input_ids, attention, placeholder, vectors
 
 
 def flops_per_token(llm, length):
     """Forward 2N + backward to the inputs only (frozen weights) 2N, plus attention scores, per token."""
     n = sum(p.numel() for name, p in llm.named_parameters() if "embed" not in name and "lm_head" not in name)
+    if getattr(llm, "is_loaded_in_4bit", False):
+        n *= 2  # bitsandbytes packs two 4-bit weights into one uint8 element
     cfg = llm.config
     attention = 2 * 2 * cfg.num_hidden_layers * length * cfg.hidden_size
     return 2 * (2 * n + attention)
 
 
-def compare(name, llm, batch_args, repeats, peak):
-    tokens = int(batch_args[1].sum())
-    ours, plain = [], []
-    our_step(llm, *batch_args)  # warm-up
-    plain_step(llm, *batch_args)
+def interleaved(device, repeats, ours, plain):
+    """Medians of ``ours`` and ``plain`` timings, run alternately after one warm-up each."""
+    ours(), plain()
+    o_times, p_times = [], []
     for _ in range(repeats):
-        ours.append(tokens / timed(our_step, llm, *batch_args))
-        plain.append(tokens / timed(plain_step, llm, *batch_args))
-    o, p = statistics.median(ours), statistics.median(plain)
-    tflops = o * flops_per_token(llm, batch_args[0].shape[1]) / 1e12
-    print(f"{name:<34} {tokens:>7} {o:>12.1f} {p:>12.1f} {o / p:>8.3f} {tflops:>9.3f} {tflops / peak:>9.1%}")
-    return o / p
+        o_times.append(timed(device, ours))
+        p_times.append(timed(device, plain))
+    return statistics.median(o_times), statistics.median(p_times)
 
 
-def glta_batches(llm_path, batch):
+def row(name, dtype, tokens, ours, plain=None, flops=None, peak=None):
+    o = tokens / ours
+    p = f"{tokens / plain:>11.1f} {plain / ours:>6.3f}" if plain else f"{'-':>11} {'-':>6}"
+    f = f"{o * flops / 1e12:>8.3f} {o * flops / 1e12 / peak:>6.1%}" if flops else f"{'-':>8} {'-':>6}"
+    print(f"{name:<36} {dtype:>8} {tokens:>7} {o:>11.1f} {p} {f}", flush=True)
+    return o
+
+
+def llm_rows(label, llm, tokenizer, device, args, peak):
+    """Frozen-LLM fwd+bwd (ours vs plain) and greedy generation, one model in one dtype."""
+    batch = synthetic_batch(llm.config.hidden_size, args.batch, args.length, device)
+    ours, plain = interleaved(device, args.repeats, lambda: our_step(llm, *batch), lambda: plain_step(llm, *batch))
+    tokens = int(batch[1].sum())
+    fwd_bwd = row(f"frozen LLM fwd+bwd {args.batch}x{args.length}", label, tokens, ours, plain,
+                  flops_per_token(llm, args.length), peak)
+    prompts = [chat_prompt(tokenizer, f"Describe in one sentence a film a viewer of item {i} would like.")
+               for i in range(args.gen_prompts)]
+    enc = tokenizer(prompts, padding=True, add_special_tokens=False, return_tensors="pt").to(device)
+    decode = lambda: greedy_decode(llm, enc["input_ids"], enc["attention_mask"], args.gen_tokens,  # noqa: E731
+                                   tokenizer.eos_token_id, tokenizer.pad_token_id)
+    steps = decode().shape[1]
+    gen = row(f"generate {args.gen_prompts} prompts x {steps} tokens", label, args.gen_prompts * steps,
+              timed(device, decode))
+    return fwd_bwd, gen
+
+
+def llm_config(device, llm_path, dtype="auto", quantization="none"):
+    return {"llm_path": llm_path, "llm_dtype": dtype, "llm_quantization": quantization, "llm_cache_dir": None,
+            "llm_gradient_checkpointing": False, "lora_r": 0, "device": device}
+
+
+def glta_batches(llm_path, batch, device):
     """Real GLTA prompts on ml-100k (random CF embeddings: throughput does not depend on their values)."""
     from recbole_llm.config import Config
     from recbole_llm.model.general_recommender.glta import GLTA
     from recbole_llm.utils import create_dataset, data_preparation
 
+    sys.argv = sys.argv[:1]  # RecBole's Config would read this script's --key=value options as its own
     config = Config("GLTA", "ml-100k", config_dict={"llm_path": llm_path, "show_progress": False,
-                                                    "train_batch_size": batch})
+                                                    "train_batch_size": batch, "use_gpu": device.type == "cuda"})
     dataset = create_dataset(config)
     train, _, _ = data_preparation(config, dataset)
-    model = GLTA(config, train._dataset)
+    model = GLTA(config, train._dataset).to(config["device"])
     model.user_emb.normal_()
     model.item_emb.normal_()
     model.profile_texts = ["likes light comedies and classic dramas from the nineties"] * model.n_users
@@ -106,53 +178,101 @@ def glta_batches(llm_path, batch):
     return model, ia, ua
 
 
-def glta_compare(name, model, encoded, loss_fn, batch, repeats, peak):
-    """GLTA's stage loss + backward vs the plain loop on the same token batch."""
-    llm = model.llm
+def glta_row(name, model, encoded, loss_fn, batch, repeats, peak):
+    """GLTA's stage loss + backward (under the trainer's autocast) vs the plain loop on the same token batch."""
+    device, llm = model.device, model.llm
     input_ids, attention, placeholder, vectors, _ = collate(encoded, model.tokenizer.pad_token_id, "left")
-    vectors = vectors.detach().requires_grad_(True)
-    tokens = int(attention.sum())
+    input_ids, attention, placeholder = input_ids.to(device), attention.to(device), placeholder.to(device)
+    vectors = vectors.detach().to(device).requires_grad_(True)
 
     def ours():
-        loss_fn(batch).backward()
+        with autocast_context(device, model.llm_dtype, model.config["llm_autocast"]):
+            loss = loss_fn(batch)
+        loss.backward()
 
-    loss_fn(batch).backward()
-    plain_step(llm, input_ids, attention, placeholder, vectors)
-    o_times, p_times = [], []
-    for _ in range(repeats):
-        o_times.append(tokens / timed(ours))
-        p_times.append(tokens / timed(plain_step, llm, input_ids, attention, placeholder, vectors))
-    o, p = statistics.median(o_times), statistics.median(p_times)
-    tflops = o * flops_per_token(llm, input_ids.shape[1]) / 1e12
-    print(f"{name:<34} {tokens:>7} {o:>12.1f} {p:>12.1f} {o / p:>8.3f} {tflops:>9.3f} {tflops / peak:>9.1%}")
+    o, p = interleaved(device, repeats, ours, lambda: plain_step(llm, input_ids, attention, placeholder, vectors))
+    row(name, DTYPE_NAMES[model.llm_dtype], int(attention.sum()), o, p, flops_per_token(llm, input_ids.shape[1]),
+        peak)
+
+
+def random_7b_folder(cache_dir=None):
+    """A Llama-2-7B-shaped model with random bf16 weights, saved once (13.5 GB) like any HF folder."""
+    target = os.path.join(cache_dir or default_cache_dir(), "random-llama-7b")
+
+    def write(tmp):
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        tokenizer = AutoTokenizer.from_pretrained(smollm2_folder(cache_dir))
+        config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                             num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+        with torch.device("cuda"):
+            model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _atomic_folder(target, write)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--llm_path", default="smollm2")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--length", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtypes", default=None, help="comma-separated (default: fp32,bf16 on CPU, bf16 on CUDA)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gen_prompts", type=int, default=8)
+    parser.add_argument("--gen_tokens", type=int, default=8)
+    parser.add_argument("--glta_batch", type=int, default=2)
     parser.add_argument("--skip_glta", action="store_true")
+    parser.add_argument("--llm7b", action="store_true", help="CUDA: also a 7B-shaped random model, bf16 and 4-bit")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
+    dtypes = (args.dtypes or ("fp32,bf16" if device.type == "cpu" else "bf16")).split(",")
+    folder = smollm2_folder() if args.llm_path == "smollm2" else args.llm_path
 
-    config = {"llm_path": args.llm_path, "llm_dtype": "auto", "llm_quantization": "auto", "llm_cache_dir": None,
-              "llm_gradient_checkpointing": False, "lora_r": 0, "device": torch.device("cpu")}
-    llm, tokenizer = load_llm(config)
-    peak = bf16_peak_tflops()
-    print(f"threads {torch.get_num_threads()}, bf16 matmul peak measured here: {peak:.3f} TFLOP/s")
-    print(f"{'step':<34} {'tokens':>7} {'ours tok/s':>12} {'plain tok/s':>12} {'ratio':>8} {'TFLOP/s':>9} {'of peak':>9}")
-    batch = synthetic_batch(tokenizer, llm.config.hidden_size, args.batch, args.length)
-    ratio = compare(f"frozen LLM fwd+bwd {args.batch}x{args.length}", llm, batch, args.repeats, peak)
-    print(f"overhead of our layer vs plain transformers: {(1 / ratio - 1):+.1%} (target < +5%)")
+    print(hardware(device))
+    auto, reason = choose_dtype("auto", device)
+    print(f"llm_dtype auto -> {DTYPE_NAMES[auto]} ({reason})")
+    print(f"llm_quantization auto -> %s (%s)" % choose_quantization("auto", device, folder, auto))
+    peaks = {name: matmul_peak_tflops(device, DTYPES[name]) for name in dict.fromkeys(dtypes + ["bf16"])}
+    print("matmul peak measured here: " + ", ".join(f"{n} {p:.3f} TFLOP/s" for n, p in peaks.items())
+          + ("; MFU against the bf16 peak" if device.type == "cuda" else "; MFU against the row's own dtype peak"))
+    print(HEADER)
+
+    def peak_for(name):
+        return peaks["bf16"] if device.type == "cuda" else peaks[name]
+
+    results = {}
+    for name in dtypes:
+        llm, tokenizer = load_llm(llm_config(device, args.llm_path, name))
+        results[name] = llm_rows(name, llm, tokenizer, device, args, peak_for(name))
+        del llm
+    if device.type == "cuda" and "bf16" in dtypes:
+        llm, tokenizer = load_llm(llm_config(device, args.llm_path, "bf16", "4bit"))
+        llm_rows("4bit", llm, tokenizer, device, args, peaks["bf16"])
+        del llm
+    if "fp32" in results and "bf16" in results:
+        (f_step, f_gen), (b_step, b_gen) = results["fp32"], results["bf16"]
+        print(f"bf16 / fp32 tok/s: fwd+bwd {b_step / f_step:.2f}x, generation {b_gen / f_gen:.2f}x "
+              f"(auto chose {DTYPE_NAMES[auto]})")
+    if device.type == "cuda" and args.llm7b:
+        folder = random_7b_folder()
+        for name, quantization in (("bf16", "none"), ("4bit", "4bit")):
+            llm, tokenizer = load_llm(llm_config(device, folder, "bf16", quantization))
+            llm_rows(f"7B {name}", llm, tokenizer, device, args, peaks["bf16"])
+            del llm
+            torch.cuda.empty_cache()
     if args.skip_glta:
         return
-    del llm
-    model, ia, ua = glta_batches(args.llm_path, args.batch)
-    glta_compare("GLTA item-text alignment step", model, model.item_text_prompts(ia)[0], model.item_text_loss, ia,
-                 args.repeats, peak)
-    glta_compare("GLTA user-item alignment step", model, model.user_item_prompts(ua), model.calculate_loss, ua,
-                 args.repeats, peak)
+    model, ia, ua = glta_batches(args.llm_path, args.glta_batch, device)
+    peak = peak_for(DTYPE_NAMES[model.llm_dtype])
+    glta_row("GLTA item-text alignment step", model, model.item_text_prompts(ia)[0], model.item_text_loss, ia,
+             args.repeats, peak)
+    glta_row("GLTA user-item alignment step", model, model.user_item_prompts(ua), model.calculate_loss, ua,
+             args.repeats, peak)
 
 
 if __name__ == "__main__":
