@@ -172,8 +172,8 @@ def glta_batches(llm_path, batch, device):
     model.item_emb.normal_()
     model.profile_texts = ["likes light comedies and classic dramas from the nineties"] * model.n_users
     model.prediction_texts = ["will enjoy a romantic comedy or a thriller next"] * model.n_users
-    model.start_final_stage()
-    ia = model.item_text_batches(0)[0]
+    model.set_trainable(model.final_stage().modules)
+    ia = model.item_text_batches(train, 0)[0]
     ua = model.train_batches(train, 0)[0]
     return model, ia, ua
 
