@@ -21,6 +21,7 @@ from torch.nn.utils import clip_grad_norm_
 from tqdm import tqdm
 
 from recbole_llm.compat import wrap_distributed
+from recbole_llm.llm.precision import autocast_context, grad_scaler
 from recbole_llm.stages import StageCache
 
 
@@ -112,12 +113,8 @@ class LLMTrainer(Trainer):
     # ----- the training loop shared by stages and the final stage ---------------------------------------
     def _precision(self, autocast):
         """(autocast context, grad scaler) for a stage: the LLM's dtype for LLM stages, fp32 otherwise."""
-        dtype = self.model.llm_dtype
-        enabled = bool(autocast and self.config["llm_autocast"]) and dtype in (torch.bfloat16, torch.float16)
-        context = torch.autocast(device_type=self.device.type, dtype=dtype, enabled=enabled)
-        scaler = torch.amp.GradScaler(self.device.type,
-                                      enabled=enabled and dtype == torch.float16 and self.device.type == "cuda")
-        return context, scaler
+        dtype = self.model.llm_dtype if autocast and self.config["llm_autocast"] else torch.float32
+        return autocast_context(self.device, dtype), grad_scaler(self.device, dtype)
 
     def _warmup(self, optimizer, base_lrs):
         if self.warmup_steps and self.optimizer_steps <= self.warmup_steps:
