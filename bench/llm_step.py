@@ -10,7 +10,9 @@ side by side (one run, interleaved repeats, medians):
     tok/s of both, their ratio, TFLOP/s and MFU (model FLOPs / step time / the matmul peak measured in this run,
     in bf16 on CUDA; on CPU in the row's own dtype);
   - greedy generation (our KV-cache loop, as profile generation runs it): prompts x decode steps / time;
-then GLTA's two alignment steps (real ml-100k prompts, ``auto`` dtype) vs the plain loop on the same tokens.
+then GLTA's two alignment steps (real ml-100k prompts, ``auto`` dtype), each one optimizer step through
+``LLMTrainer.train_steps`` (the loop every stage trains with: autocast, loss, backward, clipping, step), vs the
+plain transformers forward + backward on the same tokens.
 On CUDA, ``--llm7b`` adds a Llama-2-7B-shaped random model in bf16 and 4-bit (saved once under the LLM cache).
 """
 import argparse
@@ -27,7 +29,7 @@ from recbole_llm.data.prompts import collate  # noqa: E402
 from recbole_llm.llm import last_hidden_states, load_llm  # noqa: E402
 from recbole_llm.llm.generation import chat_prompt, greedy_decode  # noqa: E402
 from recbole_llm.llm.loading import _atomic_folder, default_cache_dir, smollm2_folder  # noqa: E402
-from recbole_llm.llm.precision import (DTYPE_NAMES, DTYPES, autocast_context, choose_dtype,  # noqa: E402
+from recbole_llm.llm.precision import (DTYPE_NAMES, DTYPES, choose_dtype,  # noqa: E402
                                        choose_quantization, cpu_bf16_features)
 
 HEADER = (f"{'step':<36} {'dtype':>8} {'tokens':>7} {'ours tok/s':>11} {'plain tok/s':>11} {'ratio':>6} "
@@ -172,23 +174,25 @@ def glta_batches(llm_path, batch, device):
     model.item_emb.normal_()
     model.profile_texts = ["likes light comedies and classic dramas from the nineties"] * model.n_users
     model.prediction_texts = ["will enjoy a romantic comedy or a thriller next"] * model.n_users
-    model.set_trainable(model.final_stage().modules)
+    from recbole_llm.trainer import LLMTrainer
+
+    trainer = LLMTrainer(config, model)
+    trainer.optimizer = trainer._build_optimizer(params=model.set_trainable(model.final_stage().modules))
     ia = model.item_text_batches(train, 0)[0]
     ua = model.train_batches(train, 0)[0]
-    return model, ia, ua
+    return trainer, ia, ua
 
 
-def glta_row(name, model, encoded, loss_fn, batch, repeats, peak):
-    """GLTA's stage loss + backward (under the trainer's autocast) vs the plain loop on the same token batch."""
+def glta_row(name, trainer, encoded, loss_fn, batch, repeats, peak):
+    """One step of GLTA's stage loss through the trainer's loop vs the plain loop on the same token batch."""
+    model = trainer.model
     device, llm = model.device, model.llm
     input_ids, attention, placeholder, vectors, _ = collate(encoded, model.tokenizer.pad_token_id, "left")
     input_ids, attention, placeholder = input_ids.to(device), attention.to(device), placeholder.to(device)
     vectors = vectors.detach().to(device).requires_grad_(True)
 
     def ours():
-        with autocast_context(device, model.llm_dtype, model.config["llm_autocast"]):
-            loss = loss_fn(batch)
-        loss.backward()
+        trainer.train_steps([batch], loss_fn, trainer.optimizer, name, show_progress=False)
 
     o, p = interleaved(device, repeats, ours, lambda: plain_step(llm, input_ids, attention, placeholder, vectors))
     row(name, DTYPE_NAMES[model.llm_dtype], int(attention.sum()), o, p, flops_per_token(llm, input_ids.shape[1]),
@@ -267,11 +271,12 @@ def main():
             torch.cuda.empty_cache()
     if args.skip_glta:
         return
-    model, ia, ua = glta_batches(args.llm_path, args.glta_batch, device)
+    trainer, ia, ua = glta_batches(args.llm_path, args.glta_batch, device)
+    model = trainer.model
     peak = peak_for(DTYPE_NAMES[model.llm_dtype])
-    glta_row("GLTA item-text alignment step", model, model.item_text_prompts(ia)[0], model.item_text_loss, ia,
+    glta_row("GLTA item-text alignment step", trainer, model.item_text_prompts(ia)[0], model.item_text_loss, ia,
              args.repeats, peak)
-    glta_row("GLTA user-item alignment step", model, model.user_item_prompts(ua), model.calculate_loss, ua,
+    glta_row("GLTA user-item alignment step", trainer, model.user_item_prompts(ua), model.calculate_loss, ua,
              args.repeats, peak)
 
 
