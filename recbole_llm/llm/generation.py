@@ -1,8 +1,11 @@
-"""Batched greedy text generation with a progress bar (for texts the LLM writes once and a stage caches)."""
+"""Generation: batched greedy text (texts the LLM writes once and a stage caches) and beam search, free or
+constrained to the items of an ``ItemTrie`` (top-K items with their sequence log-probabilities)."""
 import torch
 from tqdm import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
-from recbole_llm.llm.inputs import base_model
+from recbole_llm.errors import ConfigError
+from recbole_llm.llm.inputs import decoder, embed_inputs
 
 
 def chat_prompt(tokenizer, text, system=None):
@@ -20,13 +23,13 @@ def greedy_decode(llm, input_ids, attention_mask, max_new_tokens, eos_id, pad_id
     of SmolLM2 here); this loop keeps one row per prompt. Positions follow the attention mask, so a
     left-padded prompt decodes as it would alone.
     """
-    base = base_model(llm)
+    stack, head = decoder(llm), llm.get_output_embeddings()
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    out = base.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
+    out = stack(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
     done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
     tokens = []
     for _ in range(max_new_tokens):
-        next_token = base.lm_head(out.last_hidden_state[:, -1]).argmax(-1)
+        next_token = head(out.last_hidden_state[:, -1]).argmax(-1)
         next_token = next_token.masked_fill(done, pad_id)
         tokens.append(next_token)
         done |= next_token == eos_id
@@ -34,8 +37,8 @@ def greedy_decode(llm, input_ids, attention_mask, max_new_tokens, eos_id, pad_id
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(input_ids), 1)], 1)
         positions = positions[:, -1:] + 1
-        out = base.model(input_ids=next_token.unsqueeze(1), attention_mask=attention_mask, position_ids=positions,
-                         past_key_values=out.past_key_values, use_cache=True)
+        out = stack(input_ids=next_token.unsqueeze(1), attention_mask=attention_mask, position_ids=positions,
+                    past_key_values=out.past_key_values, use_cache=True)
     return torch.stack(tokens, 1)
 
 
@@ -64,3 +67,88 @@ def generate_texts(llm, tokenizer, prompts, max_new_tokens=32, batch_size=16, de
     finally:
         tokenizer.padding_side = padding_side
     return outputs
+
+
+class TrieLogitsProcessor(LogitsProcessor):
+    """Keeps beams on an ``ItemTrie``: -inf on every token that continues no item.
+
+    The allowed tokens of all beams come from one vectorised walk of the generated tokens
+    (``ItemTrie.continuations``) and are copied into a -inf tensor; HF's ``prefix_allowed_tokens_fn`` instead
+    calls Python once per beam per step and builds a dense mask.
+
+    Args:
+        trie (ItemTrie): the items.
+        prompt_length (int): ids before the generated ones in ``input_ids`` (0 with ``inputs_embeds``).
+    """
+
+    def __init__(self, trie, prompt_length):
+        self.trie = trie
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids, scores):
+        allowed = self.trie.continuations(input_ids[:, self.prompt_length:])
+        kept = torch.full_like(scores, -torch.inf)
+        kept[allowed] = scores[allowed]
+        return kept
+
+
+@torch.no_grad()
+def beam_search(llm, input_ids, attention_mask, num_beams=10, topk=None, max_new_tokens=32, placeholder_mask=None,
+                vectors=None, eos_id=None, **generate_kwargs):
+    """HF beam search over left-padded prompts; placeholder vectors go in through ``inputs_embeds``.
+
+    Scores are sequence log-probabilities (``length_penalty=0``, HF's exact stopping rule). Extra keyword
+    arguments go to ``generate`` (e.g. ``logits_processor``, ``prefix_allowed_tokens_fn``).
+
+    Returns:
+        (tokens (B, K, L) LongTensor: the new tokens only, scores (B, K) FloatTensor, best first)
+    """
+    topk = topk or num_beams
+    if topk > num_beams:
+        raise ConfigError(f"beam search: topk={topk} is more than num_beams={num_beams}")
+    eos_id = llm.generation_config.eos_token_id if eos_id is None else eos_id
+    pad_id = llm.generation_config.pad_token_id
+    if vectors is not None:
+        prompt = {"inputs_embeds": embed_inputs(llm, input_ids, placeholder_mask, vectors)}
+    else:
+        prompt = {"input_ids": input_ids}
+    out = llm.generate(**prompt, attention_mask=attention_mask, num_beams=num_beams, num_return_sequences=topk,
+                       max_new_tokens=max_new_tokens, do_sample=False, length_penalty=0.0, early_stopping=False,
+                       eos_token_id=eos_id, pad_token_id=eos_id if pad_id is None else pad_id, use_cache=True,
+                       output_scores=True, return_dict_in_generate=True, **generate_kwargs)
+    new = out.sequences[:, input_ids.shape[1]:] if vectors is None else out.sequences
+    return new.reshape(len(input_ids), topk, -1), out.sequences_scores.float().reshape(len(input_ids), topk)
+
+
+@torch.no_grad()
+def beam_search_items(llm, trie, input_ids, attention_mask, num_beams=10, topk=None, placeholder_mask=None,
+                      vectors=None, max_new_tokens=None):
+    """Top-K items of each prompt by beam search constrained to ``trie``: only real items come out.
+
+    Args:
+        llm: the causal LM (peft-wrapped or not).
+        trie (ItemTrie): items and their token sequences; its ``end_id`` ends a sequence.
+        input_ids, attention_mask (LongTensor): (B, T) left-padded prompts (``prompts.collate(..., "left")``).
+        num_beams (int): beams per prompt; ``topk`` (<= num_beams, default num_beams) items are returned.
+        placeholder_mask, vectors: placeholder positions and their vectors (as in ``embed_inputs``).
+        max_new_tokens (int): at least ``trie.depth`` (the default), so that every item can be completed.
+
+    Returns:
+        (items (B, K) LongTensor, scores (B, K) FloatTensor): items best first with their sequence
+        log-probabilities (item and end marker). A prompt with fewer than K reachable items (a trie smaller
+        than K) gets item 0 (RecBole's padding item) with score -inf in the remaining columns.
+    """
+    max_new_tokens = max_new_tokens or trie.depth
+    if max_new_tokens < trie.depth:
+        raise ConfigError(f"beam search: max_new_tokens={max_new_tokens} cannot complete items of "
+                          f"{trie.depth} tokens")
+    vocab = llm.get_output_embeddings().weight.shape[0]
+    if trie.compiled(input_ids.device)["base"] > vocab:
+        raise ConfigError(f"beam search: the item trie has token ids beyond the LLM's vocabulary ({vocab})")
+    prompt_length = 0 if vectors is not None else input_ids.shape[1]
+    tokens, scores = beam_search(llm, input_ids, attention_mask, num_beams, topk, max_new_tokens, placeholder_mask,
+                                 vectors, eos_id=trie.end_id,
+                                 logits_processor=LogitsProcessorList([TrieLogitsProcessor(trie, prompt_length)]))
+    items = trie.items_of(tokens.flatten(0, 1)).view(scores.shape)
+    dead = (items == 0) | (scores < -1e8)  # HF's filler hypotheses when fewer than K items finished
+    return items.masked_fill(dead, 0), scores.masked_fill(dead, -torch.inf)

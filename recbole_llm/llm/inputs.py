@@ -10,9 +10,9 @@ def input_embedding(llm):
     return llm.get_input_embeddings()
 
 
-def base_model(llm):
-    """The causal LM under a peft wrapper (or the model itself): ``.model`` is its transformer stack."""
-    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+def decoder(llm):
+    """The transformer stack without its LM head (hidden states out), under a peft wrapper or 4/8-bit too."""
+    return llm.get_decoder()
 
 
 def embed_inputs(llm, input_ids, placeholder_mask=None, vectors=None):
@@ -25,7 +25,7 @@ def embed_inputs(llm, input_ids, placeholder_mask=None, vectors=None):
 def last_hidden_states(llm, input_ids, attention_mask, placeholder_mask=None, vectors=None):
     """Last-layer hidden states (B, T, H) of the LLM for a batch built by ``prompts.collate``."""
     inputs_embeds = embed_inputs(llm, input_ids, placeholder_mask, vectors)
-    out = base_model(llm).model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
+    out = decoder(llm)(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
     return out.last_hidden_state
 
 

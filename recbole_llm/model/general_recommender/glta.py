@@ -49,7 +49,7 @@ from recbole_llm.data.item_text import load_item_texts
 from recbole_llm.data.prompts import PromptTemplate, collate
 from recbole_llm.errors import ConfigError
 from recbole_llm.llm import embed_inputs, embedding_std, generate_texts, last_hidden_states, load_llm
-from recbole_llm.llm.inputs import base_model
+from recbole_llm.llm.inputs import decoder
 from recbole_llm.llm.precision import autocast_context
 from recbole_llm.model.abstract import LLMRecommender, Stage, TrainStage
 from recbole_llm.model.backbone import backbone_config, pretrain_backbone
@@ -365,11 +365,11 @@ class GLTA(LLMRecommender, GeneralRecommender):
         encoded = [self._user_prompt(u, self._inference_history(u), n_slots=1) for u in users]
         input_ids, attention, placeholder, vectors, _ = collate(encoded, self.tokenizer.pad_token_id, "left")
         attention = attention.to(self.device)
-        base = base_model(self.llm)
+        base = decoder(self.llm)
         embeds = embed_inputs(self.llm, input_ids.to(self.device), placeholder.to(self.device), vectors)
         user_emb = self.user_emb[torch.tensor(users, device=self.device)]
         seen = exclude
-        out = base.model(inputs_embeds=embeds, attention_mask=attention, use_cache=True)
+        out = base(inputs_embeds=embeds, attention_mask=attention, use_cache=True)
         logps, placed = [], []
         for t in range(self.k):
             logp = F.log_softmax(self.head(out.last_hidden_state[:, -1:], self.item_emb, user_emb)[:, 0].float(), -1)
@@ -380,8 +380,8 @@ class GLTA(LLMRecommender, GeneralRecommender):
             if t + 1 < self.k:
                 attention = torch.cat([attention, attention.new_ones(len(users), 1)], 1)
                 step = self.item_tokens(choice).unsqueeze(1).to(embeds.dtype)
-                out = base.model(inputs_embeds=step, attention_mask=attention, past_key_values=out.past_key_values,
-                                 use_cache=True)
+                out = base(inputs_embeds=step, attention_mask=attention, past_key_values=out.past_key_values,
+                           use_cache=True)
         return torch.stack(logps, 1), torch.stack(placed, 1)
 
     def set_eval_data(self, eval_data):
