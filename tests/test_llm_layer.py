@@ -243,3 +243,27 @@ def test_the_decoder_is_found_under_lora(tiny):
     input_ids, attention = random_prompts(random.Random(8), 2, tokenizer.pad_token_id)
     hidden = decoder(lora)(inputs_embeds=embed_inputs(lora, input_ids), attention_mask=attention).last_hidden_state
     assert hidden.shape == (2, input_ids.shape[1], 64)
+
+
+def test_code_tokens_added_as_new_tokens_decode_under_lora_and_trainable_tokens():
+    """AlignTokenRec's case: item codes are new tokens (peft trainable tokens) under LoRA; the trie is over them."""
+    codes = [f"<c{level}_{k}>" for level in range(3) for k in range(4)]
+    llm, tokenizer = load_llm(llm_config(llm_dtype="fp32", lora_r=4), new_tokens=codes)
+    ids = tokenizer.convert_tokens_to_ids(codes)
+    rng = random.Random(9)
+    sequences = {}
+    while len(sequences) < 20:
+        seq = [ids[4 * level + rng.randrange(4)] for level in range(3)]
+        if seq not in sequences.values():
+            sequences[len(sequences) + 1] = seq
+    trie = ItemTrie(sequences, END)
+    input_ids, attention = random_prompts(rng, 3, tokenizer.pad_token_id)
+    items, scores = beam_search_items(llm, trie, input_ids, attention, num_beams=6)
+    assert all(i in trie for i in items.flatten().tolist()) and torch.isfinite(scores).all()
+    answer = [trie.tokens(items[0, 0].item())]
+    batch_ids, batch_attention, labels = answer_batch([input_ids[0][attention[0].bool()].tolist()], answer,
+                                                      tokenizer.pad_token_id)
+    loss = causal_lm_loss(llm, batch_ids, batch_attention, labels)
+    assert loss.item() == pytest.approx(-scores[0, 0].item() / len(answer[0]), abs=1e-3)
+    loss.backward()
+    assert any(p.grad is not None and "trainable_tokens" in n for n, p in llm.named_parameters())

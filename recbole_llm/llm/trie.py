@@ -17,6 +17,13 @@ import torch
 from recbole_llm.errors import ConfigError
 
 
+def _expand(start, count):
+    """Flatten ranges ``[start[k], start[k] + count[k])``: (k, index) for every index of every range."""
+    owner = torch.repeat_interleave(torch.arange(len(start), device=start.device), count)
+    offset = torch.arange(len(owner), device=start.device) - (count.cumsum(0) - count)[owner]
+    return owner, start[owner] + offset
+
+
 class ItemTrie:
     """Items <-> token sequences.
 
@@ -191,8 +198,7 @@ class ItemTrie:
         first = torch.searchsorted(t["edge_pos"], offset + lo)
         count = torch.searchsorted(t["edge_pos"], offset + hi) - first
         dead = torch.nonzero(count == 0).flatten()
-        node = torch.repeat_interleave(torch.arange(len(lo), device=lo.device), count)
-        edge = first[node] + torch.arange(len(node), device=lo.device) - (count.cumsum(0) - count)[node]
+        node, edge = _expand(first, count)
         return torch.cat([node, dead]), torch.cat([t["edge_tokens"][edge], torch.full_like(dead, self.end_id)])
 
     def next_token_mask(self, prefixes, vocab_size, every_position=False):
@@ -228,8 +234,7 @@ class ItemTrie:
             raise ValueError("item trie: a prefix in soft_labels continues no item")
         batch, positions = lo.shape
         size = (hi - lo).reshape(-1)
-        segment = torch.repeat_interleave(torch.arange(size.numel(), device=lo.device), size)
-        row = lo.reshape(-1)[segment] + torch.arange(len(segment), device=lo.device) - (size.cumsum(0) - size)[segment]
+        segment, row = _expand(lo.reshape(-1), size)
         scores = item_scores.float()[segment // positions, t["items"][row]]
         top = torch.full((size.numel(),), -torch.inf, device=lo.device).scatter_reduce(0, segment, scores, "amax")
         weight = (scores - top[segment]).exp()
