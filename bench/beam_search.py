@@ -1,12 +1,15 @@
 """Beam search over ml-100k titles: unconstrained vs constrained to the item trie, same prompts, same model.
 
-    python bench/beam_search.py [--llm_path smollm2] [--prompts 32] [--beams 10] [--batch 8] [--repeats 1]
+    python bench/beam_search.py [--llm_path smollm2] [--llm_dtype auto] [--prompts 32] [--beams 10] [--batch 16]
+                                [--max_title_tokens 16] [--prefix_fn] [--repeats 1]
 
-Items are RecBole's bundled ml-100k movies, "title (year)" (titles shared by two movies keep the first);
-prompts are the last 5 movies of random users. Prints items/s (prompts x beams returned per second) of
-- unconstrained HF beam search (free text, up to the trie's depth in new tokens),
+Items are RecBole's bundled ml-100k movies, "title (year)" of at most ``--max_title_tokens`` tokens (fewer
+new tokens per search: a couple of minutes on a CPU; titles shared by two movies keep the first); prompts are
+the last 5 movies of random users. Prints items/s (prompts x beams returned per second) of
+- unconstrained beam search (free text, up to the trie's depth in new tokens),
 - constrained by ``TrieLogitsProcessor`` (``beam_search_items``: one vectorised mask per step),
-- constrained by HF's ``prefix_allowed_tokens_fn`` reading the dict trie (one Python call per beam per step),
+- with ``--prefix_fn``, constrained by HF's ``prefix_allowed_tokens_fn`` reading the dict trie (one Python call
+  per beam per step),
 with the ratio of each constrained time to the unconstrained one (target <= 1.2), the mean length of the returned
 sequences (EOS included) and the share of them that are real items. Modes are interleaved per batch; medians of repeats.
 """
@@ -56,7 +59,9 @@ def main():
     parser.add_argument("--llm_dtype", default="auto")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--beams", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--max_title_tokens", type=int, default=16)
+    parser.add_argument("--prefix_fn", action="store_true")
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
 
@@ -66,7 +71,11 @@ def main():
               "device": torch.device("cuda" if torch.cuda.is_available() else "cpu")}
     llm, tokenizer = load_llm(config)
     titles, histories = ml100k()
-    trie = ItemTrie.from_texts({i: " " + t for i, t in titles.items()}, tokenizer)
+    texts = {i: " " + t for i, t in titles.items()
+             if len(tokenizer(" " + t, add_special_tokens=False)["input_ids"]) <= args.max_title_tokens}
+    titles = {i: titles[i] for i in texts}
+    histories = {u: [i for i in h if i in titles] for u, h in histories.items()}
+    trie = ItemTrie.from_texts(texts, tokenizer)
     users = random.Random(0).sample(sorted(u for u, h in histories.items() if len(h) >= 5), args.prompts)
     prompts = [tokenizer("A user watched these movies, most recent last: "
                          + "; ".join(titles[i] for i in histories[u][-5:]) + ". The next movie they will watch is:",
@@ -91,8 +100,9 @@ def main():
                                 prefix_allowed_tokens_fn=trie.prefix_allowed_tokens_fn(ids.shape[1]))
         return tokens
 
-    modes = {"unconstrained": unconstrained, "trie (LogitsProcessor)": with_processor,
-             "trie (prefix_allowed_tokens_fn)": with_prefix_fn}
+    modes = {"unconstrained": unconstrained, "trie (LogitsProcessor)": with_processor}
+    if args.prefix_fn:
+        modes["trie (prefix_allowed_tokens_fn)"] = with_prefix_fn
     seconds = {name: [] for name in modes}
     new_tokens = {name: [] for name in modes}
     valid = {name: [] for name in modes}

@@ -72,6 +72,8 @@ def test_duplicate_sequences_and_bad_items_are_named():
         trie.add(3, [12])
     with pytest.raises(ConfigError, match="empty"):
         trie.add(8, [])
+    with pytest.raises(ConfigError, match="start at 1"):
+        trie.add(0, [13])
 
 
 def test_items_of_maps_generated_sequences_and_rejects_incomplete_ones():
@@ -128,9 +130,12 @@ def test_constrained_beam_search_emits_only_real_items(tiny):
     assert all(i in trie for i in items.flatten().tolist())  # 100% valid
     assert all(len(set(row)) == 5 for row in items.tolist())
     assert (scores[:, :-1] >= scores[:, 1:]).all()
+    for b in range(6):  # the scores are the sequence log-probabilities, padded rows included
+        prompt = input_ids[b][attention[b].bool()].tolist()
+        assert scores[b, 0].item() == pytest.approx(sequence_logprob(llm, prompt, trie.tokens(items[b, 0].item())),
+                                                    abs=1e-3)
     prompt = input_ids[0][attention[0].bool()].tolist()
-    assert scores[0, 0].item() == pytest.approx(sequence_logprob(llm, prompt, trie.tokens(items[0, 0].item())),
-                                                abs=1e-3)
+    assert len(prompt) < input_ids.shape[1]  # row 0 is padded
     # left padding: a prompt alone finds what it finds in the batch
     alone, alone_scores = beam_search_items(llm, trie, input_ids[:1, -len(prompt):], attention[:1, -len(prompt):],
                                             num_beams=8, topk=5)
@@ -181,6 +186,9 @@ def test_a_trie_smaller_than_k_pads_with_item_zero(tiny):
     assert torch.isfinite(scores[:, :3]).all() and torch.isneginf(scores[:, 3:]).all()
     with pytest.raises(ConfigError, match="max_new_tokens"):
         beam_search_items(llm, trie, input_ids, attention, num_beams=5, max_new_tokens=1)
+    trie.add(7, [len(tokenizer) + 5])
+    with pytest.raises(ConfigError, match="beyond the LLM's vocabulary"):
+        beam_search_items(llm, trie, input_ids, attention, num_beams=5)
 
 
 def test_answer_token_ids_find_single_tokens_or_fail_clearly(tiny):

@@ -1,11 +1,17 @@
 """Generation: batched greedy text (texts the LLM writes once and a stage caches) and beam search, free or
 constrained to the items of an ``ItemTrie`` (top-K items with their sequence log-probabilities)."""
+import inspect
+
 import torch
 from tqdm import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import GenerationMixin, LogitsProcessor, LogitsProcessorList
 
 from recbole_llm.errors import ConfigError
 from recbole_llm.llm.inputs import decoder, embed_inputs
+
+# generate's keyword for a KV cache: ``cache`` in recent transformers, ``past_key_values`` before
+CACHE_KWARG = "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters \
+    else "past_key_values"
 
 
 def chat_prompt(tokenizer, text, system=None):
@@ -86,6 +92,9 @@ class TrieLogitsProcessor(LogitsProcessor):
         self.prompt_length = prompt_length
 
     def __call__(self, input_ids, scores):
+        if self.trie.max_token >= scores.shape[-1]:
+            raise ConfigError(f"beam search: the item trie has token id {self.trie.max_token}, beyond the LLM's "
+                              f"vocabulary of {scores.shape[-1]}")
         allowed = self.trie.continuations(input_ids[:, self.prompt_length:])
         kept = torch.full_like(scores, -torch.inf)
         kept[allowed] = scores[allowed]
@@ -97,8 +106,10 @@ def beam_search(llm, input_ids, attention_mask, num_beams=10, topk=None, max_new
                 vectors=None, eos_id=None, **generate_kwargs):
     """HF beam search over left-padded prompts; placeholder vectors go in through ``inputs_embeds``.
 
-    Scores are sequence log-probabilities (``length_penalty=0``, HF's exact stopping rule). Extra keyword
-    arguments go to ``generate`` (e.g. ``logits_processor``, ``prefix_allowed_tokens_fn``).
+    Each prompt is encoded once (its KV cache then copied to its beams): ``generate`` alone would encode it
+    ``num_beams`` times and compute vocabulary logits at every prompt position. Scores are sequence
+    log-probabilities (``length_penalty=0``, HF's exact stopping rule). Extra keyword arguments go to
+    ``generate`` (e.g. ``logits_processor``, ``prefix_allowed_tokens_fn``).
 
     Returns:
         (tokens (B, K, L) LongTensor: the new tokens only, scores (B, K) FloatTensor, best first)
@@ -108,10 +119,14 @@ def beam_search(llm, input_ids, attention_mask, num_beams=10, topk=None, max_new
         raise ConfigError(f"beam search: topk={topk} is more than num_beams={num_beams}")
     eos_id = llm.generation_config.eos_token_id if eos_id is None else eos_id
     pad_id = llm.generation_config.pad_token_id
-    if vectors is not None:
-        prompt = {"inputs_embeds": embed_inputs(llm, input_ids, placeholder_mask, vectors)}
-    else:
-        prompt = {"input_ids": input_ids}
+    embeds = embed_inputs(llm, input_ids, placeholder_mask, vectors)
+    prompt = {"inputs_embeds": embeds} if vectors is not None else {"input_ids": input_ids}
+    if input_ids.shape[1] > 1:  # the cache of all but the last prompt token; generate runs the last one
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        cache = decoder(llm)(inputs_embeds=embeds[:, :-1], attention_mask=attention_mask[:, :-1],
+                             position_ids=positions[:, :-1], use_cache=True).past_key_values
+        cache.batch_repeat_interleave(num_beams)
+        prompt[CACHE_KWARG] = cache
     out = llm.generate(**prompt, attention_mask=attention_mask, num_beams=num_beams, num_return_sequences=topk,
                        max_new_tokens=max_new_tokens, do_sample=False, length_penalty=0.0, early_stopping=False,
                        eos_token_id=eos_id, pad_token_id=eos_id if pad_id is None else pad_id, use_cache=True,
@@ -142,9 +157,6 @@ def beam_search_items(llm, trie, input_ids, attention_mask, num_beams=10, topk=N
     if max_new_tokens < trie.depth:
         raise ConfigError(f"beam search: max_new_tokens={max_new_tokens} cannot complete items of "
                           f"{trie.depth} tokens")
-    vocab = llm.get_output_embeddings().weight.shape[0]
-    if trie.compiled(input_ids.device)["base"] > vocab:
-        raise ConfigError(f"beam search: the item trie has token ids beyond the LLM's vocabulary ({vocab})")
     prompt_length = 0 if vectors is not None else input_ids.shape[1]
     tokens, scores = beam_search(llm, input_ids, attention_mask, num_beams, topk, max_new_tokens, placeholder_mask,
                                  vectors, eos_id=trie.end_id,

@@ -28,7 +28,8 @@ class ItemTrie:
     """Items <-> token sequences.
 
     Args:
-        sequences (dict): {item id: token ids}; ``end_id`` is appended where it is not the last token.
+        sequences (dict): {item id (>= 1, RecBole's ids): token ids}; ``end_id`` is appended where it is not the
+            last token.
         end_id (int): the end marker (EOS).
     """
 
@@ -38,6 +39,7 @@ class ItemTrie:
         self._sequences = {}  # item -> tuple of tokens, end included
         self._items = {}  # tuple of tokens -> item
         self._tensors = {}  # device -> compiled view
+        self.max_token = -1
         for item, tokens in sequences.items():
             self.add(item, tokens)
 
@@ -68,6 +70,8 @@ class ItemTrie:
         seq = tuple(int(t) for t in tokens)
         if not seq or seq[-1] != self.end_id:
             seq += (self.end_id,)
+        if item < 1:
+            raise ConfigError(f"item trie: item ids start at 1 (RecBole's item 0 is padding), got {item}")
         if item in self._sequences:
             raise ConfigError(f"item trie: item {item} is already in the trie")
         if len(seq) == 1:
@@ -83,6 +87,7 @@ class ItemTrie:
             node = node.setdefault(token, {})
         self._sequences[item] = seq
         self._items[seq] = item
+        self.max_token = max(self.max_token, max(seq))
         self._tensors = {}
 
     def _node(self, prefix):
