@@ -275,3 +275,18 @@ def test_code_tokens_added_as_new_tokens_decode_under_lora_and_trainable_tokens(
     assert loss.item() == pytest.approx(-scores[0, 0].item() / len(answer[0]), abs=1e-3)
     loss.backward()
     assert any(p.grad is not None and "trainable_tokens" in n for n, p in llm.named_parameters())
+
+
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_decoding_and_scoring_under_quantization(quantization):
+    pytest.importorskip("bitsandbytes")
+    try:
+        llm, tokenizer = load_llm(llm_config(llm_quantization=quantization))
+    except ConfigError as e:  # a bitsandbytes build or a device check without CPU support
+        pytest.skip(str(e))
+    assert type(decoder(llm)).__name__ == "LlamaModel"
+    input_ids, attention = random_prompts(random.Random(10), 2, tokenizer.pad_token_id)
+    trie = ItemTrie(random_sequences(random.Random(10), 12), END)
+    items, scores = beam_search_items(llm, trie, input_ids, attention, num_beams=4)
+    assert all(i in trie for i in items.flatten().tolist()) and torch.isfinite(scores).all()
+    assert choice_logits(llm, input_ids, attention, answer_token_ids(tokenizer, ["Yes", "No"])).shape == (2, 2)

@@ -9,7 +9,7 @@ from transformers import GenerationMixin, LogitsProcessor, LogitsProcessorList
 from recbole_llm.errors import ConfigError
 from recbole_llm.llm.inputs import decoder, embed_inputs
 
-# generate's keyword for a KV cache: ``cache`` in recent transformers, ``past_key_values`` before
+# the name of a KV cache (keyword and output field): ``cache`` in recent transformers, ``past_key_values`` before
 CACHE_KWARG = "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters \
     else "past_key_values"
 
@@ -44,7 +44,7 @@ def greedy_decode(llm, input_ids, attention_mask, max_new_tokens, eos_id, pad_id
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(input_ids), 1)], 1)
         positions = positions[:, -1:] + 1
         out = stack(input_ids=next_token.unsqueeze(1), attention_mask=attention_mask, position_ids=positions,
-                    past_key_values=out.past_key_values, use_cache=True)
+                    use_cache=True, **{CACHE_KWARG: getattr(out, CACHE_KWARG)})
     return torch.stack(tokens, 1)
 
 
@@ -123,8 +123,9 @@ def beam_search(llm, input_ids, attention_mask, num_beams=10, topk=None, max_new
     prompt = {"inputs_embeds": embeds} if vectors is not None else {"input_ids": input_ids}
     if input_ids.shape[1] > 1:  # the cache of all but the last prompt token; generate runs the last one
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        cache = decoder(llm)(inputs_embeds=embeds[:, :-1], attention_mask=attention_mask[:, :-1],
-                             position_ids=positions[:, :-1], use_cache=True).past_key_values
+        prefill = decoder(llm)(inputs_embeds=embeds[:, :-1], attention_mask=attention_mask[:, :-1],
+                               position_ids=positions[:, :-1], use_cache=True)
+        cache = getattr(prefill, CACHE_KWARG)
         cache.batch_repeat_interleave(num_beams)
         prompt[CACHE_KWARG] = cache
     out = llm.generate(**prompt, attention_mask=attention_mask, num_beams=num_beams, num_return_sequences=topk,
