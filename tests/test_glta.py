@@ -73,7 +73,7 @@ def test_resume_after_a_kill_mid_stage_reaches_the_same_metrics(tiny_data, tmp_p
     with pytest.raises(KeyboardInterrupt):
         run_recbole_llm("GLTA", "tiny", config_dict=tiny_config(tiny_data, checkpoint_dir=killed_dir))
     stage_files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(killed_dir, "stages", "*", "*")))
-    assert [f.split("-")[0] for f in stage_files] == ["graph_pretrain", "profile_generation"]  # nothing half-written
+    assert [f.split("-")[0] for f in stage_files] == ["cf_pretrain", "profile_generation"]  # nothing half-written
 
     monkeypatch.setattr(GLTA, "item_text_loss", original)
     resumed = run_recbole_llm("GLTA", "tiny", config_dict=tiny_config(tiny_data, checkpoint_dir=killed_dir))

@@ -1,10 +1,23 @@
-"""CF backbones (RecBole's MF/BPR, LightGCN, SASRec, and our DCCF) pretrained as a stage of an LLM model.
+"""The CF-backbone service: a RecBole model (MF/BPR, LightGCN, SASRec, our DCCF...) trained as an LLM model's
+``cf_pretrain`` stage, then frozen, with ``embeddings()`` and ``logits()`` for the LLM model to use.
 
-The backbone is a plain RecBole model trained by RecBole's own trainer on the LLM model's training split,
-validated on its validation split (early stopping), never on the test split. Its config is the LLM model's
-(data, split, metrics, seed, device) with RecBole's training defaults, the backbone's own YAML and the
-``cf_config`` dict on top, so ``--learning_rate`` or ``train_batch_size`` meant for the LLM model do not
-change the backbone.
+The backbone is trained by RecBole's own trainer on the LLM model's training split, validated on its
+validation split (early stopping, best epoch kept), never on the test split. Its config is the LLM model's
+(data, split, evaluation, seed, device) with RecBole's training defaults (``overall.yaml``), the backbone's
+own YAML (RecBole's, then ours) and ``cf_config`` on top: ``--learning_rate`` meant for the LLM model does not
+change the backbone, and with the same ``cf_config`` the backbone alone trains exactly like
+``run_recbole_llm(model=<backbone>)`` (RecBole's ``run_recbole``) on the same dataset, split and seed.
+
+A general backbone under a sequential LLM model trains on the split's plain user-item interactions, not on
+the sequence-augmented rows. Negative sampling comes from the backbone's config (uniform, 1 negative for
+BPR / LightGCN; none for SASRec with its CE loss), with samplers built as ``recbole.data.utils`` does.
+The stage's artifact is the backbone's state dict (and its best validation result); loading it rebuilds the
+RecBole model, frozen, in eval mode.
+
+    cf = CFBackbone(config, dataset, "LightGCN")     # in the LLM model's __init__ (dataset: its training split)
+    stages = [cf.stage(on_load=...), ...]            # in its stages()
+    user, item = cf.embeddings()                     # (n_users, d), (n_items, d); user is None for SASRec
+    scores = cf.logits(interaction)                  # (B, n_items): RecBole's full_sort_predict
 """
 import copy
 import logging
@@ -14,59 +27,220 @@ import uuid
 import torch
 import torch.distributed as dist
 import yaml
-from recbole.data.dataloader import TrainDataLoader
-from recbole.sampler import Sampler
-from recbole.utils import get_trainer as recbole_get_trainer
+from recbole.data.dataset import Dataset, SequentialDataset
+from recbole.data.interaction import Interaction
+from recbole.data.utils import create_samplers, get_dataloader
+from recbole.utils import InputType, ModelType, init_seed
 
 from recbole_llm.compat import torch_load
+from recbole_llm.errors import ConfigError
 from recbole_llm.registry import PROPERTIES_DIR, get_model
+from recbole_llm.stages import Stage
+from recbole_llm.utils import get_trainer
 
 logger = logging.getLogger(__name__)
 
+# What a backbone takes from RecBole's overall.yaml rather than from the LLM model's config.
+TRAINING_KEYS = ("epochs", "train_batch_size", "learner", "learning_rate", "train_neg_sample_args", "eval_step",
+                 "stopping_step", "clip_grad_norm", "weight_decay", "loss_decimal_place", "require_pow",
+                 "enable_amp", "enable_scaler")
 
-TRAINING_KEYS = ("epochs", "train_batch_size", "learner", "learning_rate", "eval_step", "stopping_step",
-                 "clip_grad_norm", "weight_decay", "require_pow", "enable_amp", "enable_scaler")
 
-
-def _model_yaml(config, name):
+def _yaml_defaults(config, name):
     """RecBole's training defaults, then the backbone's YAML (RecBole's, then ours)."""
     import recbole
 
     recbole_properties = os.path.join(os.path.dirname(recbole.__file__), "properties")
     with open(os.path.join(recbole_properties, "overall.yaml"), encoding="utf-8") as f:
-        overall = yaml.load(f, Loader=config.yaml_loader)
-    files = [os.path.join(recbole_properties, "model", f"{name}.yaml"),
-             os.path.join(PROPERTIES_DIR, "model", f"{name}.yaml")]
-    values = {key: overall[key] for key in TRAINING_KEYS if key in overall}
-    for file in files:
+        overall = yaml.load(f, Loader=config.yaml_loader)  # RecBole's loader reads 1e-05 as a float
+    values = {key: overall[key] for key in TRAINING_KEYS}
+    for file in (os.path.join(recbole_properties, "model", f"{name}.yaml"),
+                 os.path.join(PROPERTIES_DIR, "model", f"{name}.yaml")):
         if os.path.isfile(file):
             with open(file, encoding="utf-8") as f:
-                values.update(yaml.load(f, Loader=config.yaml_loader) or {})  # RecBole reads 1e-05 as a float
-    return values
+                values.update(yaml.load(f, Loader=config.yaml_loader) or {})
+    return values, overall["train_neg_sample_args"]
 
 
 def backbone_config(config, name):
+    """The backbone's Config: the LLM model's, with the backbone's training defaults and ``cf_config`` on top."""
     backbone_class = get_model(name)
+    name = backbone_class.__name__
+    values, default_neg = _yaml_defaults(config, name)
+    values.update(dict(config["cf_config"] or {}))
     bconf = copy.copy(config)
     bconf.final_config_dict = copy.copy(config.final_config_dict)
-    bconf.final_config_dict.update(_model_yaml(config, name))
-    bconf.final_config_dict.update(dict(config["cf_config"] or {}))
-    bconf.final_config_dict.update(model=name, MODEL_TYPE=backbone_class.type,
-                                   MODEL_INPUT_TYPE=backbone_class.input_type)
-    bconf.final_config_dict["train_neg_sample_args"] = {
-        "distribution": "uniform", "sample_num": 1, "alpha": 1.0, "dynamic": False, "candidate_num": 0}
+    bconf.final_config_dict.update(values, model=name, MODEL_TYPE=backbone_class.type)
+    # What RecBole's Config derives from these (with its own code where it has one): the negative sampling
+    # arguments and the input type.
+    neg = bconf["train_neg_sample_args"]
+    bconf["train_neg_sample_args"] = dict(default_neg, **neg) if isinstance(neg, dict) else neg
+    bconf._set_train_neg_sample_args()
+    loss_type = bconf["loss_type"]
+    sampled = bconf["train_neg_sample_args"]["distribution"] != "none"
+    if backbone_class.type == ModelType.SEQUENTIAL and loss_type == "CE" and sampled:
+        raise ConfigError(f"cf_config: {name} with loss_type CE trains without negatives: "
+                          "set train_neg_sample_args: ~")
+    bconf["MODEL_INPUT_TYPE"] = getattr(backbone_class, "input_type", None) or (
+        InputType.POINTWISE if loss_type == "CE" else InputType.PAIRWISE)
     return bconf, backbone_class
 
 
-def cf_embeddings(model):
-    """(user, item) embedding tables of a trained backbone: propagated ones for graph models."""
-    model.eval()
-    with torch.no_grad():
+def training_interactions(dataset):
+    """The training split as plain user-item interactions (a general model's training data).
+
+    A ``SequentialDataset`` split holds one augmented row per target: ``<i1..it-1> | it``. Its plain
+    interactions are every row's target plus each user's first item (the history of the row of length 1), as
+    RecBole's ``SequentialDataset.inter_matrix`` rebuilds them; other datasets are returned as they are.
+    """
+    if not isinstance(dataset, SequentialDataset):
+        return dataset
+    feat, suffix = dataset.inter_feat, dataset.config["LIST_SUFFIX"]
+    first = feat[feat[dataset.item_list_length_field] == 1]
+    fields = {}
+    for field in feat.columns:
+        if field == dataset.item_list_length_field or field.endswith(suffix):
+            continue
+        first_values = first[field + suffix][:, 0] if field + suffix in feat.columns else first[field]
+        fields[field] = torch.cat([feat[field], first_values])
+    plain = Dataset.__new__(Dataset)  # the same fields, ids and features, as a general dataset
+    plain.__dict__.update(dataset.__dict__)
+    plain.inter_feat = Interaction(fields)
+    plain.sort(by=[f for f in (plain.uid_field, plain.time_field) if f in fields])
+    return plain
+
+
+def _tables(model):
+    """MF (BPR): the ID embedding tables."""
+    return model.user_embedding.weight, model.item_embedding.weight
+
+
+def _propagated(model):
+    """Graph models: ``forward()`` propagates the ID embeddings over the training graph."""
+    user, item = model.forward()[:2]
+    return user, item
+
+
+def _item_table(model):
+    """Sequential models have no user table (a user is the history, encoded when scoring: ``logits``)."""
+    return None, model.item_embedding.weight
+
+
+# Per backbone class: how to read its (user, item) embeddings, and their width from its config.
+EMBEDDINGS = {
+    "BPR": (_tables, lambda c: c["embedding_size"]),
+    "LightGCN": (_propagated, lambda c: c["embedding_size"]),
+    "NGCF": (_propagated, lambda c: c["embedding_size"] + sum(c["hidden_size_list"])),
+    "DCCF": (_propagated, lambda c: c["embedding_size"]),
+    "SASRec": (_item_table, lambda c: c["hidden_size"]),
+}
+
+
+class CFBackbone:
+    """A RecBole model trained as the ``cf_pretrain`` stage of an LLM model, then frozen.
+
+    Args:
+        config (Config): the LLM model's config (``cf_config`` overrides the backbone's training defaults).
+        dataset (Dataset): the LLM model's training split (sequential for a sequential LLM model).
+        name (str): the RecBole model class, e.g. ``BPR``, ``LightGCN``, ``SASRec``, ``DCCF``.
+
+    ``model`` is the frozen RecBole model once the stage is loaded (None before).
+    """
+
+    def __init__(self, config, dataset, name):
+        self.config, self.model_class = backbone_config(config, name)
+        self.name = self.model_class.__name__
+        self.device = config["device"]
+        sequential = self.model_class.type == ModelType.SEQUENTIAL
+        if self.model_class.type not in (ModelType.GENERAL, ModelType.TRADITIONAL, ModelType.SEQUENTIAL):
+            raise ConfigError(f"cf_backbone: {name} is a {self.model_class.type.name.lower()} model; "
+                              "a backbone is a general or a sequential RecBole model")
+        if sequential and not isinstance(dataset, SequentialDataset):
+            raise ConfigError(f"cf_backbone: {name} is sequential and needs sequential data "
+                              f"(this model's data is {config['MODEL_TYPE'].name.lower()})")
+        if not sequential and isinstance(dataset, SequentialDataset):
+            self.config["repeatable"] = False  # the plain interactions: RecBole's setting for a general model
+        self.dataset = dataset if sequential else training_interactions(dataset)
+        self.model = None
+
+    @property
+    def embedding_size(self):
+        """Width of ``embeddings()``, known before the stage runs."""
+        return int(self._rule()[1](self.config))
+
+    def stage(self, on_load=None):
+        """The ``cf_pretrain`` stage; ``on_load()`` runs after the frozen backbone is loaded."""
+
+        def load(artifact):
+            self.load(artifact)
+            if on_load is not None:
+                on_load()
+
+        return Stage("cf_pretrain", self.build, load, ["cf_backbone", "cf_config", "valid_metric"])
+
+    def build(self, trainer, train_data, valid_data):
+        """Train the backbone with RecBole's trainer (early stopping on ``valid_data``); return its best state."""
+        config = self.config
+        train_sampler, _, _ = create_samplers(config, self.dataset, [self.dataset] * 3)  # sees only the training split
+        train_loader = get_dataloader(config, "train")(config, self.dataset, train_sampler, shuffle=config["shuffle"])
+        init_seed(config["seed"] + config["local_rank"], config["reproducibility"])  # as run_recbole does
+        model = self.model_class(config, self.dataset).to(self.device)
+        recbole_trainer = get_trainer(config["MODEL_TYPE"], self.name)(config, model)
+        recbole_trainer.saved_model_file = _shared_checkpoint_path(config, self.name)
         try:
-            user, item = model.forward()  # LightGCN / DCCF propagate over the graph in forward()
-        except TypeError:
-            user, item = model.user_embedding.weight, model.item_embedding.weight
-    return user.detach().float().cpu(), item.detach().float().cpu()
+            best_score, best_result = recbole_trainer.fit(train_loader, valid_data, saved=True,
+                                                          show_progress=config["show_progress"])
+            if not config["single_spec"]:
+                dist.barrier()  # rank 0 wrote the best checkpoint
+            checkpoint = torch_load(recbole_trainer.saved_model_file, map_location="cpu")
+        finally:
+            if not config["single_spec"]:
+                dist.barrier()
+            if config["local_rank"] == 0 and os.path.exists(recbole_trainer.saved_model_file):
+                os.remove(recbole_trainer.saved_model_file)
+        logger.info(f"backbone {self.name}: best valid {dict(best_result or {})}")
+        return {"backbone": self.name, "state_dict": checkpoint["state_dict"],
+                "other_parameter": checkpoint.get("other_parameter"),
+                "best_valid_score": best_score, "best_valid_result": dict(best_result or {})}
+
+    def load(self, artifact):
+        """Rebuild the RecBole model from the artifact: frozen, in eval mode."""
+        if artifact.get("backbone") != self.name:
+            raise ConfigError(f"cf_backbone: the artifact holds {artifact.get('backbone')}, not {self.name}")
+        with torch.random.fork_rng(devices=[]):  # building draws initial weights: leave the caller's RNG alone
+            model = self.model_class(self.config, self.dataset)
+        model.load_state_dict(artifact["state_dict"])
+        model.load_other_parameter(artifact.get("other_parameter"))
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.best_valid_result = artifact["best_valid_result"]
+
+    def _rule(self):
+        if self.name not in EMBEDDINGS:
+            raise ConfigError(f"cf_backbone: no embeddings for {self.name} (known: {', '.join(EMBEDDINGS)}); "
+                              "logits() works for every RecBole model")
+        return EMBEDDINGS[self.name]
+
+    def _loaded(self):
+        if self.model is None:
+            raise RuntimeError(f"backbone {self.name} is not trained yet: run its cf_pretrain stage first")
+        return self.model
+
+    @torch.no_grad()
+    def embeddings(self):
+        """(user, item) embeddings, float32 on the backbone's device: (n_users, d) or None, and (n_items, d).
+
+        Graph models (LightGCN, NGCF, DCCF) give their propagated embeddings, MF (BPR) its tables, and SASRec
+        ``(None, item table)``: it has no user table.
+        """
+        user, item = self._rule()[0](self._loaded())
+        return (None if user is None else user.detach().float()), item.detach().float()
+
+    @torch.no_grad()
+    def logits(self, interaction):
+        """RecBole's ``full_sort_predict``: (B, n_items) scores for a batch as RecBole's full-sort loaders give
+        it (user ids; for a sequential backbone also the history). Column 0 is RecBole's padding item."""
+        model = self._loaded()
+        return model.full_sort_predict(interaction.to(self.device)).view(-1, model.n_items)
 
 
 def _shared_checkpoint_path(config, name):
@@ -77,29 +251,3 @@ def _shared_checkpoint_path(config, name):
     if not config["single_spec"]:
         dist.broadcast_object_list(path, src=0)
     return path[0]
-
-
-def pretrain_backbone(config, train_data, valid_data, name):
-    """Train backbone ``name`` on the training split; return its embeddings and best validation result."""
-    bconf, backbone_class = backbone_config(config, name)
-    train_dataset = train_data._dataset
-    sampler = Sampler(["train"], [train_dataset], "uniform", 1.0).set_phase("train")
-    train_loader = TrainDataLoader(bconf, train_dataset, sampler, shuffle=True)
-    model = backbone_class(bconf, train_dataset).to(config["device"])
-    trainer = recbole_get_trainer(bconf["MODEL_TYPE"], name)(bconf, model)
-    trainer.saved_model_file = _shared_checkpoint_path(config, name)
-    try:
-        best_score, best_result = trainer.fit(train_loader, valid_data, saved=True,
-                                              show_progress=config["show_progress"], verbose=True)
-        if not config["single_spec"]:
-            dist.barrier()  # rank 0 wrote the best checkpoint
-        checkpoint = torch_load(trainer.saved_model_file, map_location=config["device"])
-        model.load_state_dict(checkpoint["state_dict"])
-    finally:
-        if not config["single_spec"]:
-            dist.barrier()
-        if config["local_rank"] == 0 and os.path.exists(trainer.saved_model_file):
-            os.remove(trainer.saved_model_file)
-    user, item = cf_embeddings(model)
-    logger.info(f"backbone {name}: best valid {dict(best_result or {})}")
-    return {"user_emb": user, "item_emb": item, "best_valid_result": dict(best_result or {}), "backbone": name}

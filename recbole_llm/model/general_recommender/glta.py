@@ -2,7 +2,8 @@
 
 Stages, in the paper's order (each cached by ``StageCache``; only projectors, slots and the GLLM head train,
 the LLM stays frozen):
-  1. graph_pretrain        LightGCN (or ``cf_backbone``) on the training split; E_u, E_i frozen afterwards.
+  1. cf_pretrain           LightGCN (or ``cf_backbone``) on the training split (``model/backbone.py``, RecBole's
+                           defaults unless ``cf_config``); E_u, E_i frozen afterwards.
   2. profile_generation    the LLM writes a *profile* and a *prediction* text per user from the descriptions
                            of the user's items (Fig. 1(c), 1(d)), once, in batches.
   3. item_text_alignment   item projector V_i = W_i E_i + b_i (eq. 1): a prompt holds m item tokens and their
@@ -52,7 +53,7 @@ from recbole_llm.llm import embed_inputs, embedding_std, generate_texts, last_hi
 from recbole_llm.llm.inputs import decoder
 from recbole_llm.llm.precision import autocast_context
 from recbole_llm.model.abstract import LLMRecommender, Stage, TrainStage
-from recbole_llm.model.backbone import backbone_config, pretrain_backbone
+from recbole_llm.model.backbone import CFBackbone
 from recbole_llm.model.layers import Projector
 from recbole_llm.model.ranking import Ranking
 
@@ -120,7 +121,8 @@ class GLTA(LLMRecommender, GeneralRecommender):
         self.llm, self.tokenizer = load_llm(config)
         hidden = self.llm.config.hidden_size
         self.token_std = embedding_std(self.llm)
-        cf_dim = int(backbone_config(config, self.backbone)[0]["embedding_size"])
+        self.cf = CFBackbone(config, dataset, self.backbone)
+        cf_dim = self.cf.embedding_size
 
         # Stage 1 output (frozen CF embeddings), projectors (eq. 1, 2), output slots and the GLLM head.
         self.register_buffer("user_emb", torch.zeros(self.n_users, cf_dim))
@@ -194,7 +196,7 @@ class GLTA(LLMRecommender, GeneralRecommender):
     # ----- stages -------------------------------------------------------------------------------------------
     def stages(self):
         stages = [
-            Stage("graph_pretrain", self.pretrain_graph, self.load_graph, ["cf_backbone", "cf_config"]),
+            self.cf.stage(on_load=self.load_graph),
             Stage("profile_generation", self.generate_profiles, self.load_profiles,
                   ["item_text_fields", "item_text_separator", "profile_prompt", "prediction_prompt",
                    "gen_system_prompt", "gen_history_len", "gen_max_tokens"], uses_llm=True),
@@ -215,13 +217,11 @@ class GLTA(LLMRecommender, GeneralRecommender):
         return TrainStage("user_item_alignment", modules=modules, batches=self.train_batches,
                           loss=self.calculate_loss)
 
-    # Stage 1: graph pretraining.
-    def pretrain_graph(self, trainer, train_data, valid_data):
-        return pretrain_backbone(self.config, train_data, valid_data, self.backbone)
-
-    def load_graph(self, artifact):
-        self.user_emb.copy_(artifact["user_emb"])
-        self.item_emb.copy_(artifact["item_emb"])
+    # Stage 1: graph pretraining (the CF-backbone service's cf_pretrain stage).
+    def load_graph(self):
+        user_emb, item_emb = self.cf.embeddings()
+        self.user_emb.copy_(user_emb)
+        self.item_emb.copy_(item_emb)
         self.item_proj.calibrate(self.item_emb, self.token_std)
         self.user_proj.calibrate(self.user_emb, self.token_std)
 
