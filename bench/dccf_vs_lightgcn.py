@@ -58,7 +58,9 @@ def backbone_stage(llm_model, name, dataset, config_dict):
     init_logger(config)
     train_data, valid_data, test_data = data_preparation(config, create_dataset(config))
     backbone = CFBackbone(config, train_data._dataset, name)
-    artifact = StageCache(config, train_data._dataset).run(backbone.stage(), None, train_data, valid_data)
+    stage = backbone.stage()
+    artifact = StageCache(config, train_data._dataset).run(
+        stage, lambda: stage.build(None, train_data, valid_data), stage.load)
     trainer = get_trainer(backbone.config["MODEL_TYPE"], name)(backbone.config, backbone.model)
     return {"best_valid_score": artifact["best_valid_score"], "best_valid_result": artifact["best_valid_result"],
             "test_result": trainer.evaluate(test_data, load_best_model=False)}

@@ -35,7 +35,8 @@ def _llm_model_data(model, tiny_data, tmp_path, **overrides):
 
 def _run_stage(config, train, valid, name):
     backbone = CFBackbone(config, train._dataset, name)
-    artifact = StageCache(config, train._dataset).run(backbone.stage(), None, train, valid)
+    stage = backbone.stage()  # run as LLMTrainer runs a Stage
+    artifact = StageCache(config, train._dataset).run(stage, lambda: stage.build(None, train, valid), stage.load)
     return backbone, artifact
 
 

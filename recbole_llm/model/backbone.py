@@ -179,7 +179,9 @@ class CFBackbone:
         return Stage("cf_pretrain", self.build, load, ["cf_backbone", "cf_config", "valid_metric"])
 
     def build(self, trainer, train_data, valid_data):
-        """Train the backbone with RecBole's trainer (early stopping on ``valid_data``); return its best state."""
+        """Train the backbone with RecBole's own trainer (early stopping on ``valid_data``; the LLM model's
+        ``trainer`` and ``train_data`` are not used: the backbone has its own loader and settings); return its
+        best state."""
         config = self.config
         train_sampler, _, _ = create_samplers(config, self.dataset, [self.dataset] * 3)  # sees only the training split
         train_loader = get_dataloader(config, "train")(config, self.dataset, train_sampler, shuffle=config["shuffle"])
