@@ -151,6 +151,7 @@ def load_data_and_model(model_file):
     config["single_spec"], config["local_rank"] = True, 0
     if device.type == "cpu":
         config["gpu_id"] = ""
+    config.compatibility_settings()  # RecBole's numpy aliases (np.float ...), set when a Config is built, not unpickled
     validate(config)
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)

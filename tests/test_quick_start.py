@@ -54,6 +54,17 @@ def test_load_data_and_model_evaluates_like_training(trained, monkeypatch):
     assert _evaluate(config, model, test_data) == pytest.approx(dict(test_result))
 
 
+def test_load_data_and_model_in_a_fresh_process(trained):
+    """A new process that only loads a checkpoint evaluates NDCG / MRR (RecBole's numpy aliases are set)."""
+    test_result, checkpoint, workdir = trained
+    code = ("import sys; from recbole_llm.quick_start import load_data_and_model; "
+            "from recbole.trainer import Trainer; c, m, _, _, _, t = load_data_and_model(sys.argv[1]); "
+            "print('NDCG', Trainer(c, m).evaluate(t, load_best_model=False)['ndcg@10'])")
+    out = subprocess.run([sys.executable, "-c", code, checkpoint], cwd=str(workdir), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.split("NDCG")[-1]) == pytest.approx(test_result["ndcg@10"])
+
+
 def test_full_sort_topk_on_loaded_model(trained, monkeypatch):
     from recbole.utils.case_study import full_sort_topk
 
