@@ -26,7 +26,9 @@ SMALL = {"llm_path": "tiny-random", "epochs": 1, "train_batch_size": 8, "eval_ba
 def _data(model_type, root):
     """(data_path, config for that kind of data)."""
     if model_type == ModelType.SEQUENTIAL:
-        return conftest.write_sequential_dataset(root, name="smoke"), {}
+        # sequential data is ordered by time
+        return conftest.write_sequential_dataset(root, name="smoke"), {"load_col": {"inter": ["user_id", "item_id",
+                                                                                           "timestamp"]}}
     if model_type == ModelType.CONTEXT:
         root = conftest.write_labeled_dataset(root, name="smoke", n_items=30)[0]
         conftest._write_item_text(os.path.join(root, "smoke"), "smoke", n_items=30, n_clusters=3)

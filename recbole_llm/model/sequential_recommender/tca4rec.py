@@ -1,0 +1,182 @@
+"""TCA4Rec: Token-level Collaborative Alignment for LLM-based Generative Recommendation (Lin et al., 2026,
+arXiv:2601.18457). The method as the authors' code realises it (see ``recbole_llm/llm/alignment.py``).
+
+Base generative recommender (BIGRec / TALLRec style, usable alone with ``alpha: 0``): a LoRA-tuned LLM reads a
+prompt with the user's last ``history_len`` item titles (most recent last) and generates the next item's
+title, then EOS. Titles are made unique (a repeated title gets `` (2)``, `` (3)``...), so a title is an item.
+
+Stages:
+  1. cf_pretrain              (alpha > 0) the CF backbone (``cf_backbone``: SASRec | MF | LightGCN | DCCF) trained
+                              by RecBole on the training split, frozen: item logits s_u per training row
+                              (``model/backbone.py``; cached and shared with every model over that backbone).
+  2. soft_label_alignment     (the final stage, RecBole's loop) LoRA on the LLM with the soft next-token loss:
+                              collaborative tokenizer P_cf,t from s_u over the trie subtree of the ground-truth
+                              prefix, label q_t = (1 - alpha) onehot(y_t) + alpha P_cf,t, loss ``tca_loss``
+                              (``mixture``: -log sum_v q_t,v p_t,v, the reference code; ``soft_ce``: -sum_v
+                              q_t,v log p_t,v, the paper's formula); ``temperature`` and ``msl`` (masked softmax
+                              over the trie's children) shape p_t. alpha = 0 is plain next-token prediction.
+
+Inference: beam search constrained by the item trie (``num_beams`` >= max(topk)) gives every user its top
+``num_beams`` real items in order; RecBole's full-ranking evaluator ranks them first, every other item tied below
+(``model/ranking.py``, keyed by user and history: a user's validation and test rows are two entries).
+
+Item identifiers: ``item_identifier: title``. ``semantic_id`` (AlignTokenRec's codebook codes) is not available
+yet: that model's codebooks are not in this package.
+"""
+import numpy as np
+import pandas as pd
+import torch
+from recbole.model.abstract_recommender import SequentialRecommender
+from recbole.utils import InputType
+
+from recbole_llm.data.item_text import load_item_texts
+from recbole_llm.data.prompts import collate
+from recbole_llm.errors import ConfigError
+from recbole_llm.llm import ItemTrie, beam_search_items, last_hidden_states, load_llm
+from recbole_llm.llm.alignment import IGNORE, SoftLabelLoss
+from recbole_llm.llm.generation import chat_prompt
+from recbole_llm.model.abstract import LLMRecommender, TrainStage
+from recbole_llm.model.backbone import CFBackbone
+from recbole_llm.model.ranking import Ranking
+
+BACKBONES = {"SASRec": "SASRec", "MF": "BPR", "BPR": "BPR", "LightGCN": "LightGCN", "DCCF": "DCCF"}
+IDENTIFIERS = ("title", "semantic_id")
+
+
+def unique_titles(titles, ids):
+    """Titles made distinct: a repeated title gets `` (2)``, `` (3)``...; an empty one is ``item <id>``."""
+    seen, out = set(), []
+    for title, token in zip(titles, ids):
+        title = " ".join(title.split()) or f"item {token}"
+        candidate, n = title, 1
+        while candidate in seen:
+            n += 1
+            candidate = f"{title} ({n})"
+        seen.add(candidate)
+        out.append(candidate)
+    return out
+
+
+class TCA4Rec(LLMRecommender, SequentialRecommender):
+    input_type = InputType.POINTWISE
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.config = config
+        self._check_options(config)
+
+        # load parameters info
+        self.history_len = int(config["history_len"])
+        self.num_beams = int(config["num_beams"])
+        self.alpha = float(config["alpha"])
+
+        # the LLM with LoRA, and the items as unique titles in a trie (each title ends with EOS)
+        self.llm, self.tokenizer = load_llm(config)
+        fields = config["title_fields"] or list(config["item_text_fields"] or [])[:1]
+        texts = load_item_texts(config, dataset, fields=fields)
+        self.titles = [""] + unique_titles(texts[1:], dataset.field2id_token[self.ITEM_ID][1:])
+        self.trie = ItemTrie.from_texts({i: self.titles[i] for i in range(1, self.n_items)}, self.tokenizer)
+        prompt = chat_prompt(self.tokenizer, config["prompt"], config["system_prompt"])
+        if prompt.count("{history}") != 1:
+            raise ConfigError("prompt: must contain {history} exactly once")
+        self.prompt_head, self.prompt_tail = prompt.split("{history}")
+
+        # the CF backbone (the collaborative tokenizer's teacher) and the soft-label loss
+        self.cf = CFBackbone(config, dataset, BACKBONES[config["cf_backbone"]]) if self.alpha > 0 else None
+        self.alignment = SoftLabelLoss(self.trie, self.alpha, config["tca_loss"], config["temperature"],
+                                       config["msl"])
+        self.ranking = Ranking(config, dataset, self._score)  # top-K cache, cleared in calculate_loss
+        self.requires_grad_(False)
+
+    @staticmethod
+    def _check_options(config):
+        if config["item_identifier"] not in IDENTIFIERS:
+            raise ConfigError(f"item_identifier: unknown '{config['item_identifier']}' (choose from title)")
+        if config["item_identifier"] == "semantic_id":
+            raise ConfigError("item_identifier: semantic_id needs AlignTokenRec's codebooks, which this package "
+                              "does not have yet; use title")
+        if config["cf_backbone"] not in BACKBONES:
+            raise ConfigError(f"cf_backbone: unknown '{config['cf_backbone']}' (choose from SASRec, MF, LightGCN, "
+                              "DCCF)")
+        for key in ("history_len", "num_beams"):
+            if not isinstance(config[key], int) or config[key] < 1:
+                raise ConfigError(f"{key}: must be a positive integer, got {config[key]!r}")
+        if config["num_beams"] < max(config["topk"]):
+            raise ConfigError(f"num_beams: {config['num_beams']} beams rank fewer items than topk "
+                              f"{max(config['topk'])}")
+        rows = config["train_rows_per_user"]
+        if rows is not None and (not isinstance(rows, int) or rows < 1):
+            raise ConfigError(f"train_rows_per_user: must be a positive integer or ~ (all rows), got {rows!r}")
+
+    # ----- stages -------------------------------------------------------------------------------------------
+    def stages(self):
+        return [] if self.cf is None else [self.cf.stage()]  # 1. cf_pretrain
+
+    def final_stage(self):
+        """2. Soft label alignment: LoRA trained by RecBole's loop (validation, early stopping)."""
+        batches = None if self.config["train_rows_per_user"] is None else self.train_batches
+        return TrainStage("soft_label_alignment", modules=["llm"], batches=batches, loss=self.calculate_loss)
+
+    def train_batches(self, train_data, epoch):
+        """Each user's last ``train_rows_per_user`` training rows (of RecBole's one row per target), shuffled."""
+        feat = train_data._dataset.inter_feat
+        users = feat[self.USER_ID].numpy()
+        rows = np.flatnonzero(pd.Series(users).groupby(users).cumcount(ascending=False).to_numpy()
+                              < self.config["train_rows_per_user"])
+        np.random.default_rng(self.config["seed"] * 1000 + epoch).shuffle(rows)
+        size = self.config["train_batch_size"]
+        return [feat[torch.from_numpy(rows[i:i + size])] for i in range(0, len(rows), size)]
+
+    # ----- prompts and the soft-label loss ------------------------------------------------------------------
+    def prompts(self, interaction):
+        """Token ids of each row's prompt: its last ``history_len`` titles, most recent last."""
+        seqs, lens = interaction[self.ITEM_SEQ].tolist(), interaction[self.ITEM_SEQ_LEN].tolist()
+        texts = [self.prompt_head + self.config["history_separator"].join(
+            self.titles[i] for i in seq[:n][-self.history_len:]) + self.prompt_tail for seq, n in zip(seqs, lens)]
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def target_logits(self, prompts, answers):
+        """Vocabulary logits (B, L, V) that predict each answer token (answers right-padded to L) after its prompt;
+        the LM head runs on the answer positions only."""
+        input_ids, attention, _, _, _ = collate([(p + a, [], {}) for p, a in zip(prompts, answers)],
+                                                self.tokenizer.pad_token_id, "left")
+        hidden = last_hidden_states(self.llm, input_ids.to(self.device), attention.to(self.device))
+        total, width = hidden.shape[1], max(map(len, answers))
+        lengths = torch.tensor([len(a) for a in answers], device=self.device)
+        # answer token t of row b sits at total - len_b + t; the state before it predicts it
+        index = (total - lengths.unsqueeze(1) - 1 + torch.arange(width, device=self.device)).clamp(max=total - 1)
+        hidden = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        return self.llm.get_output_embeddings()(hidden)
+
+    def calculate_loss(self, interaction):
+        self.ranking.clear()  # RecBole's restore_* idiom: the weights are about to change
+        answers = [self.trie.tokens(i) for i in interaction[self.POS_ITEM_ID].tolist()]
+        logits = self.target_logits(self.prompts(interaction), answers)
+        targets = torch.full(logits.shape[:2], IGNORE, dtype=torch.long)
+        for row, tokens in enumerate(answers):
+            targets[row, :len(tokens)] = torch.tensor(tokens)
+        cf_scores = self.cf.logits(interaction) if self.cf is not None else None  # s_u (B, n_items)
+        return self.alignment(logits, targets.to(self.device), cf_scores)  # q_t and the soft NTP loss
+
+    # ----- inference ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _score(self, batch, exclude):
+        """``Ranking``'s scorer: each row's top ``num_beams`` items by trie-constrained beam search."""
+        input_ids, attention, _, _, _ = collate([(p, [], {}) for p in self.prompts(batch)],
+                                                self.tokenizer.pad_token_id, "left")
+        dtype = self.llm_dtype
+        low = bool(self.config["llm_autocast"]) and dtype in (torch.bfloat16, torch.float16)
+        with torch.autocast(self.device.type, dtype=dtype, enabled=low):
+            items, _ = beam_search_items(self.llm, self.trie, input_ids.to(self.device), attention.to(self.device),
+                                         num_beams=self.num_beams)
+        return items, None
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        self.ranking.clear()  # new weights: cached rankings are stale
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def predict(self, interaction):
+        return self.ranking.predict(interaction, self.ITEM_ID, self.device)
+
+    def full_sort_predict(self, interaction):
+        return self.ranking.full_sort_predict(interaction, self.device)

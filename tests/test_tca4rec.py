@@ -1,0 +1,162 @@
+"""TCA4Rec on tiny-random (fp32): the collaborative tokenizer's labels, the soft-label loss, constrained inference."""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from recbole.data.interaction import Interaction
+
+from recbole_llm.config import Config
+from recbole_llm.errors import ConfigError
+from recbole_llm.llm import ItemTrie
+from recbole_llm.llm.alignment import IGNORE, SoftLabelLoss, soft_labels_loop
+from recbole_llm.model.sequential_recommender.tca4rec import TCA4Rec, unique_titles
+from recbole_llm.utils import create_dataset, data_preparation
+from tests.conftest import tiny_config
+
+END = 2  # SmolLM2's EOS: the trie's end marker
+SEQUENTIAL = {"load_col": {"inter": ["user_id", "item_id", "timestamp"]}, "llm_dtype": "fp32",
+              "cf_config": {"epochs": 2}}
+
+
+def build(data, **overrides):
+    config = Config("TCA4Rec", "tinyseq", config_dict=tiny_config(data, **dict(SEQUENTIAL, **overrides)))
+    dataset = create_dataset(config)
+    train, valid, test = data_preparation(config, dataset)
+    return config, TCA4Rec(config, train._dataset), train, valid, test
+
+
+@pytest.fixture(scope="module")
+def base(tiny_seq_data):
+    """The base recommender (alpha 0: no backbone)."""
+    return build(tiny_seq_data, alpha=0)
+
+
+def random_trie(seed=0, n=80):
+    """Items as random token sequences with shared prefixes; some are a prefix of another."""
+    rng, sequences = random.Random(seed), {}
+    while len(sequences) < n:
+        seq = [rng.randrange(100, 110) for _ in range(rng.randint(1, 4))]
+        if seq not in sequences.values():
+            sequences[len(sequences) + 1] = seq
+    return ItemTrie(sequences, END)
+
+
+def targets_of(trie, items):
+    """(B, L) token sequences of ``items`` (end marker included), padded with -100."""
+    seqs = [trie.tokens(i) for i in items]
+    targets = torch.full((len(seqs), max(map(len, seqs))), IGNORE)
+    for row, seq in enumerate(seqs):
+        targets[row, :len(seq)] = torch.tensor(seq)
+    return targets
+
+
+def test_cf_labels_sum_to_one_over_tokens_that_continue_an_item():
+    trie = random_trie()
+    targets = targets_of(trie, list(range(1, 81)))
+    scores = torch.randn(len(targets), 81) * 3
+    labels = trie.soft_labels(targets, scores, 120)[:, :-1]
+    allowed = trie.next_token_mask(targets, 120, every_position=True)[:, :-1]
+    keep = targets != IGNORE
+    assert torch.allclose(labels.sum(-1)[keep], torch.ones(int(keep.sum())), atol=1e-6)
+    assert (labels[~allowed] == 0).all()
+    assert (labels[keep].gather(-1, targets[keep].unsqueeze(-1)) > 0).all()  # the truth always has mass
+
+
+def test_vectorised_and_loop_builds_agree():
+    trie = random_trie(seed=1)
+    targets = targets_of(trie, [random.Random(2).randrange(1, 81) for _ in range(32)])
+    scores = torch.randn(len(targets), 81) * 2
+    fast = trie.soft_labels(targets, scores, 120)
+    assert torch.allclose(fast, soft_labels_loop(trie, targets, scores, 120), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["mixture", "soft_ce"])
+def test_alpha_zero_is_next_token_prediction(kind):
+    trie = random_trie()
+    targets = targets_of(trie, [3, 17, 42, 80, 5])
+    logits = torch.randn(*targets.shape, 120) * 4
+    scores = torch.randn(5, 81)
+    ntp = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+    assert SoftLabelLoss(trie, 0.0, kind)(logits, targets, scores).item() == pytest.approx(ntp.item(), abs=1e-6)
+    # the full soft-label path tends to it as well (alpha -> 0), and differs from it at alpha > 0
+    tiny = SoftLabelLoss(trie, 1e-9, kind)(logits, targets, scores)
+    assert tiny.item() == pytest.approx(ntp.item(), abs=1e-6)
+    assert abs(SoftLabelLoss(trie, 0.3, kind)(logits, targets, scores).item() - ntp.item()) > 1e-3
+
+
+def test_soft_labels_follow_the_cf_preference():
+    """Items 1 = (100, 101), 2 = (100, 102), 3 = (103,): the CF model prefers item 2, then 3, then 1."""
+    trie = ItemTrie({1: [100, 101], 2: [100, 102], 3: [103]}, END)
+    scores = torch.tensor([[0.0, 0.0, 3.0, 1.0]])  # column 0: padding item
+    labels = trie.soft_labels(torch.tensor([[100, 101, END]]), scores, 110)[0]  # truth: item 1
+    p = torch.softmax(scores[0, 1:], 0)
+    assert labels[0, 100] == pytest.approx(float(p[0] + p[1])) and labels[0, 103] == pytest.approx(float(p[2]))
+    assert labels[1, 102] > labels[1, 101] > 0  # under the prefix (100,), item 2 beats the truth
+    assert labels[2, END] == 1  # after the title only its end follows
+    loss = SoftLabelLoss(trie, 0.5)
+    targets = torch.tensor([[100, 101, END]])
+    toward_cf, toward_truth = torch.zeros(1, 3, 110), torch.zeros(1, 3, 110)
+    toward_cf[0, 1, 102], toward_truth[0, 1, 101] = 5.0, 5.0
+    assert loss(toward_cf, targets, scores) < SoftLabelLoss(trie, 0.0)(toward_cf, targets, scores)
+
+
+def test_unique_titles():
+    assert unique_titles(["A", "B", "A", "", "A (2)"], ["1", "2", "3", "4", "5"]) == \
+        ["A", "B", "A (2)", "item 4", "A (2) (2)"]
+
+
+def test_model_loss_at_alpha_zero_is_the_llms_own_loss(base):
+    config, model, train, _, _ = base
+    batch = next(iter(train))
+    prompts = model.prompts(batch)
+    answers = [model.trie.tokens(i) for i in batch[model.POS_ITEM_ID].tolist()]
+    ours = model.calculate_loss(batch)
+    # HF's causal-LM loss over the answer tokens, one row at a time (no padding at all)
+    total, count = 0.0, 0
+    for p, a in zip(prompts, answers):
+        ids = torch.tensor([p + a])
+        labels = ids.clone()
+        labels[0, :len(p)] = IGNORE
+        total += model.llm(input_ids=ids, labels=labels).loss.item() * len(a)
+        count += len(a)
+    assert ours.item() == pytest.approx(total / count, abs=1e-5)
+
+
+def test_constrained_beam_search_emits_only_real_items(base):
+    config, model, _, _, test = base
+    model.eval()
+    batch = next(iter(test))[0]
+    items, dense = model._score(batch, None)
+    assert dense is None and items.shape == (len(batch), model.num_beams)
+    assert ((items >= 1) & (items < model.n_items)).all()
+    assert all(len(set(row)) == len(row) for row in items.tolist())
+    scores = model.full_sort_predict(batch).view(len(batch), -1)
+    assert torch.equal(scores.topk(model.num_beams).indices, items)
+
+
+def test_training_rows_per_user_and_options(tiny_seq_data):
+    config, model, train, _, _ = build(tiny_seq_data, alpha=0, train_rows_per_user=2, train_batch_size=7)
+    batches = model.train_batches(train, 0)
+    users = torch.cat([b[model.USER_ID] for b in batches])
+    assert sorted(users.tolist()) == sorted(2 * list(range(1, 41)))
+    lengths = torch.cat([b[model.ITEM_SEQ_LEN] for b in batches])
+    assert set(lengths.tolist()) == {6, 7}  # each user's last two training targets (10 items: histories 1..7)
+    with pytest.raises(ConfigError, match="semantic_id"):
+        build(tiny_seq_data, item_identifier="semantic_id")
+    with pytest.raises(ConfigError, match="num_beams"):
+        build(tiny_seq_data, num_beams=5)
+
+
+def test_tca4rec_trains_with_cf_labels_end_to_end(tiny_seq_data):
+    """alpha > 0 over SASRec: the backbone's logits enter the loss (it differs from alpha 0 on the same batch)."""
+    from recbole_llm.trainer import LLMTrainer
+
+    config, model, train, valid, _ = build(tiny_seq_data, alpha=0.3, cf_backbone="SASRec")
+    trainer = LLMTrainer(config, model)
+    trainer.run_stages(train, valid)
+    batch = next(iter(train))
+    with_cf = model.calculate_loss(batch).item()
+    model.alignment.alpha = 0.0
+    assert abs(with_cf - model.calculate_loss(batch).item()) > 1e-4
+    assert isinstance(batch, Interaction)
