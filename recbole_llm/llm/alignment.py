@@ -86,14 +86,20 @@ class SoftLabelLoss(nn.Module):
         return per_token[keep].mean()
 
 
-def soft_labels_loop(trie, targets, cf_scores, vocab_size):
-    """P_cf (B, L + 1, V) built like the reference code: a Python loop over rows and positions, one subtree
-    lookup each (a prefix -> items table, built once). Agrees with ``ItemTrie.soft_labels``."""
+def subtree_table(trie):
+    """{prefix: [(item, the token it emits next)]} of every item under every proper prefix (for the loop)."""
     subtree = {}
     for item in trie._sequences:
         seq = trie.tokens(item)
         for t in range(len(seq)):
             subtree.setdefault(tuple(seq[:t]), []).append((item, seq[t]))
+    return subtree
+
+
+def soft_labels_loop(trie, targets, cf_scores, vocab_size, subtree=None):
+    """P_cf (B, L + 1, V) built like the reference code: a Python loop over rows and positions, one subtree
+    lookup each (``subtree``: ``subtree_table(trie)``, built once). Agrees with ``ItemTrie.soft_labels``."""
+    subtree = subtree or subtree_table(trie)
     end = trie.end_id
     labels = torch.zeros(targets.shape[0], targets.shape[1] + 1, vocab_size)
     for b, row in enumerate(targets.tolist()):

@@ -1,0 +1,236 @@
+"""TCA4Rec on ml-100k (leave-one-out, RecBole's sequential preset, one seed): one table, and speed ratios.
+
+    python bench/tca4rec.py [--users 100] [--rows 2] [--history 5] [--runs NAME,...] [--repeats 5]
+                            [--key=value ...]     (e.g. --eval_step=0: no validation pass, test only)
+
+Rows: each CF backbone alone (SASRec, MF, LightGCN, DCCF, trained once as TCA4Rec's cached ``cf_pretrain`` stage
+and evaluated by RecBole on the same split), the base LLM recommender (alpha 0), TCA4Rec over MF, LightGCN and
+SASRec with both losses, and an alpha sweep (0, 0.05, 0.1, 0.3) over SASRec with the mixture loss. Test HR / NDCG
+at 1, 5, 10; the validation NDCG@10 each run was selected on; wall time and peak RSS of each run (a process per
+run). Only ``item_identifier: title`` exists today (no semantic IDs yet).
+
+Speed, measured in the same run on one batch of real prompts (interleaved repeats, medians):
+  - a TCA4Rec training step (CF logits + soft labels + soft loss + backward) over a plain NTP step (alpha 0);
+  - the soft-label build alone (``ItemTrie.soft_labels``) over the plain NTP step;
+  - the vectorised build over the reference-style per-row, per-position Python loop (``soft_labels_loop``).
+
+Scaled to this shared CPU (stated in the output): ``--users`` users sampled from ml-100k (every item they rated
+stays; the catalog is the items of the sample), the last ``--rows`` training targets per user per epoch
+(``train_rows_per_user``), one epoch, ``--history`` titles per prompt (history_len), SmolLM2-135M. Nothing is
+chosen on the test split.
+"""
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+BACKBONES = ["SASRec", "MF", "LightGCN", "DCCF"]
+RUNS = {"base LLM (alpha 0)": {"alpha": 0}}
+for backbone in ("MF", "LightGCN", "SASRec"):
+    for loss in ("mixture", "soft_ce"):
+        RUNS[f"TCA4Rec {backbone} {loss} a=0.1"] = {"cf_backbone": backbone, "tca_loss": loss, "alpha": 0.1}
+for alpha in (0.05, 0.3):
+    RUNS[f"TCA4Rec SASRec mixture a={alpha}"] = {"cf_backbone": "SASRec", "tca_loss": "mixture", "alpha": alpha}
+DEFAULT_RUN = "TCA4Rec SASRec mixture a=0.1"  # TCA4Rec's YAML defaults (scaled as stated)
+COLUMNS = ["hit@1", "hit@5", "hit@10", "ndcg@1", "ndcg@5", "ndcg@10"]
+
+
+def sample_dataset(folder, name, users, seed):
+    """ml-100k restricted to ``users`` users drawn with ``seed`` (all their interactions), with its .item file."""
+    import recbole
+
+    source = os.path.join(os.path.dirname(recbole.__file__), "dataset_example", "ml-100k")
+    target = os.path.join(folder, name)
+    os.makedirs(target, exist_ok=True)
+    with open(os.path.join(source, "ml-100k.inter")) as f:
+        header, *lines = f.read().splitlines()
+    all_users = sorted({line.split("\t")[0] for line in lines}, key=int)
+    chosen = set(random.Random(seed).sample(all_users, min(users, len(all_users))))
+    with open(os.path.join(target, f"{name}.inter"), "w") as f:
+        f.write("\n".join([header] + [line for line in lines if line.split("\t")[0] in chosen]) + "\n")
+    with open(os.path.join(source, "ml-100k.item")) as src, open(os.path.join(target, f"{name}.item"), "w") as dst:
+        dst.write(src.read())
+    return folder
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ----- one run per process --------------------------------------------------------------------------------------
+def child_run(overrides):
+    from recbole_llm.quick_start import run_recbole_llm
+
+    start = time.time()
+    result = run_recbole_llm("TCA4Rec", overrides.pop("dataset"), config_dict=overrides)
+    return {"test": dict(result["test_result"]), "valid": dict(result["best_valid_result"]),
+            "seconds": time.time() - start, "rss_mb": peak_rss_mb()}
+
+
+def child_backbones(overrides):
+    """Each backbone's cf_pretrain stage (cached for the TCA4Rec runs), evaluated by RecBole on valid and test."""
+    from recbole.trainer import Trainer
+
+    from recbole_llm.config import Config
+    from recbole_llm.model.backbone import CFBackbone
+    from recbole_llm.model.sequential_recommender.tca4rec import BACKBONES as NAMES
+    from recbole_llm.stages import StageCache
+    from recbole_llm.utils import create_dataset, data_preparation
+
+    dataset_name, out = overrides.pop("dataset"), {}
+    for backbone in BACKBONES:
+        start = time.time()
+        config = Config("TCA4Rec", dataset_name, config_dict=dict(overrides, cf_backbone=backbone, alpha=0.1))
+        train, valid, test = data_preparation(config, create_dataset(config))
+        cf = CFBackbone(config, train._dataset, NAMES[backbone])
+        stage = cf.stage()
+        StageCache(config, train._dataset).run(stage, lambda: stage.build(None, train, valid), stage.load)
+        trainer = Trainer(cf.config, cf.model)
+        out[backbone] = {"valid": dict(trainer.evaluate(valid, load_best_model=False)),
+                         "test": dict(trainer.evaluate(test, load_best_model=False)),
+                         "seconds": time.time() - start, "rss_mb": peak_rss_mb()}
+    return out
+
+
+def child_speed(overrides):
+    """Training-step times of one batch: NTP vs TCA4Rec; soft-label build vectorised vs loop."""
+    import torch
+
+    from recbole_llm.config import Config
+    from recbole_llm.llm.alignment import IGNORE, soft_labels_loop, subtree_table
+    from recbole_llm.model.sequential_recommender.tca4rec import TCA4Rec
+    from recbole_llm.stages import StageCache
+    from recbole_llm.utils import create_dataset, data_preparation
+
+    repeats = overrides.pop("repeats")
+    config = Config("TCA4Rec", overrides.pop("dataset"), config_dict=overrides)
+    train, valid, _ = data_preparation(config, create_dataset(config))
+    model = TCA4Rec(config, train._dataset)
+    stage = model.cf.stage()
+    StageCache(config, train._dataset).run(stage, lambda: stage.build(None, train, valid), stage.load)
+    model.set_trainable(["llm"])
+    model.train()
+    batch = next(iter(train))
+    vocab = model.llm.get_output_embeddings().weight.shape[0]
+    answers = [model.trie.tokens(i) for i in batch[model.POS_ITEM_ID].tolist()]
+    targets = torch.full((len(answers), max(map(len, answers))), IGNORE)
+    for row, tokens in enumerate(answers):
+        targets[row, :len(tokens)] = torch.tensor(tokens)
+    scores = model.cf.logits(batch)
+    subtree = subtree_table(model.trie)
+    autocast = torch.autocast("cpu", dtype=model.llm_dtype, enabled=model.llm_dtype == torch.bfloat16)
+
+    def step(alpha):
+        model.alignment.alpha = alpha
+        model.zero_grad(set_to_none=True)
+        with autocast:
+            loss = model.calculate_loss(batch)
+        loss.backward()
+
+    timings = {"ntp_step": [], "tca_step": [], "build_vectorised": [], "build_loop": []}
+    for r in range(repeats + 1):  # the first round warms up and is dropped
+        for name, fn in (("ntp_step", lambda: step(0.0)), ("tca_step", lambda: step(config["alpha"])),
+                         ("build_vectorised", lambda: model.trie.soft_labels(targets, scores, vocab)),
+                         ("build_loop", lambda: soft_labels_loop(model.trie, targets, scores, vocab, subtree))):
+            start = time.perf_counter()
+            fn()
+            if r:
+                timings[name].append(time.perf_counter() - start)
+    out = {k: statistics.median(v) for k, v in timings.items()}
+    out.update(batch=len(answers), answer_tokens=int((targets != IGNORE).sum()), vocab=vocab, repeats=repeats)
+    return out
+
+
+# ----- the table -----------------------------------------------------------------------------------------------
+def spawn(kind, overrides):
+    command = [sys.executable, os.path.abspath(__file__), f"--child={kind}", "--overrides", json.dumps(overrides)]
+    output = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def row(name, result):
+    cells = " | ".join(f"{result['test'][c]:.4f}" for c in COLUMNS)
+    valid = (result.get("valid") or {}).get("ndcg@10")
+    valid = "-" if valid is None else f"{valid:.4f}"
+    return (f"| {name:<32} | {cells} | {valid:>6} | {result['seconds']:.0f} | "
+            f"{result['rss_mb']:.0f} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", type=int, default=100)
+    parser.add_argument("--rows", type=int, default=2, help="train_rows_per_user")
+    parser.add_argument("--history", type=int, default=5, help="history_len")
+    parser.add_argument("--seed", type=int, default=2020)
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats of the speed measurements")
+    parser.add_argument("--runs", default=None, help="comma-separated run names (default: all)")
+    parser.add_argument("--checkpoint_dir", default="saved/bench_tca4rec")
+    parser.add_argument("--output", default=None, help="also write the results as JSON here")
+    parser.add_argument("--child", default=None)
+    parser.add_argument("--overrides", default=None)
+    args, extra = parser.parse_known_args()
+
+    if args.child:
+        sys.argv = [sys.argv[0]]
+        overrides = json.loads(args.overrides)
+        result = {"run": child_run, "backbones": child_backbones, "speed": child_speed}[args.child](overrides)
+        print(json.dumps(result))
+        return
+
+    name = f"ml-100k-u{args.users}"
+    data = sample_dataset(os.path.join(args.checkpoint_dir, "data"), name, args.users, args.seed)
+    common = {"dataset": name, "data_path": data, "checkpoint_dir": args.checkpoint_dir, "seed": args.seed,
+              "show_progress": False, "item_text_fields": ["movie_title", "release_year", "class"],
+              "load_col": {"inter": ["user_id", "item_id", "rating", "timestamp"]},
+              "train_rows_per_user": args.rows, "history_len": args.history, "epochs": 1}
+    for pair in extra:  # --key=value, as with run_recbole_llm.py
+        key, value = pair.lstrip("-").split("=", 1)
+        common[key] = json.loads(value) if value[:1] in "[{0123456789-" or value in ("true", "false") else value
+    print(f"ml-100k, {args.users} users sampled (seed {args.seed}), leave-one-out, seed {args.seed}; "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, {os.cpu_count()} CPUs; "
+          f"train_rows_per_user={args.rows}, history_len={args.history}, 1 epoch, "
+          f"llm_path={common.get('llm_path', 'smollm2')}; overrides {extra}", flush=True)
+
+    speed = spawn("speed", dict(common, repeats=args.repeats, **RUNS[DEFAULT_RUN]))
+    results, lines = {}, []
+    backbones = spawn("backbones", dict(common))
+    for backbone in BACKBONES:
+        results[f"{backbone} alone"] = backbones[backbone]
+        lines.append(row(f"{backbone} alone", backbones[backbone]))
+        print(lines[-1], flush=True)
+    for run in (args.runs.split(",") if args.runs else RUNS):
+        results[run] = spawn("run", dict(common, **RUNS[run]))
+        lines.append(row(run, results[run]))
+        print(lines[-1], flush=True)
+
+    header = " | ".join(f"{c.replace('hit', 'HR').replace('ndcg', 'N'):>6}" for c in COLUMNS)
+    print(f"\n| {'run':<32} | {header} | valid N@10 | time (s) | peak RSS (MB) |")
+    print("|" + "---|" * (len(COLUMNS) + 4))
+    for line in lines:
+        print(line)
+    print(f"\nspeed (one batch of {speed['batch']} rows, {speed['answer_tokens']} target tokens, vocabulary "
+          f"{speed['vocab']}, medians of {speed['repeats']}):")
+    print(f"  plain NTP step {speed['ntp_step'] * 1e3:.1f} ms; TCA4Rec step {speed['tca_step'] * 1e3:.1f} ms: "
+          f"+{(speed['tca_step'] / speed['ntp_step'] - 1) * 100:.1f}% (CF logits + soft labels + soft loss)")
+    print(f"  soft-label build: vectorised {speed['build_vectorised'] * 1e3:.2f} ms "
+          f"({speed['build_vectorised'] / speed['ntp_step'] * 100:.2f}% of an NTP step), per-position loop "
+          f"{speed['build_loop'] * 1e3:.1f} ms: vectorised is {speed['build_loop'] / speed['build_vectorised']:.1f}x "
+          "faster")
+    default = results.get(DEFAULT_RUN)
+    if default:
+        print(f"  default run ({DEFAULT_RUN}, scaled as above): {default['seconds']:.0f} s wall, "
+              f"peak RSS {default['rss_mb']:.0f} MB")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"results": results, "speed": speed, "settings": common}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
