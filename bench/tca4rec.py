@@ -70,7 +70,7 @@ def child_run(overrides):
 
     start = time.time()
     result = run_recbole_llm("TCA4Rec", overrides.pop("dataset"), config_dict=overrides)
-    return {"test": dict(result["test_result"]), "valid": dict(result["best_valid_result"]),
+    return {"test": dict(result["test_result"]), "valid": dict(result["best_valid_result"] or {}),
             "seconds": time.time() - start, "rss_mb": peak_rss_mb()}
 
 
