@@ -85,6 +85,19 @@ def test_alpha_zero_is_next_token_prediction(kind):
     assert abs(SoftLabelLoss(trie, 0.3, kind)(logits, targets, scores).item() - ntp.item()) > 1e-3
 
 
+def test_masked_softmax_and_temperature():
+    """MSL: the softmax runs over the trie's children only; temperature divides the logits first."""
+    trie = random_trie()
+    targets = targets_of(trie, [3, 17, 42])
+    logits = torch.randn(*targets.shape, 120) * 4
+    allowed = trie.next_token_mask(targets, 120, every_position=True)[:, :-1]
+    expected = F.cross_entropy((logits / 2).masked_fill(~allowed, -torch.inf).flatten(0, 1), targets.flatten(),
+                               ignore_index=IGNORE)
+    got = SoftLabelLoss(trie, 0.0, temperature=2.0, masked=True)(logits, targets)
+    assert got.item() == pytest.approx(expected.item(), abs=1e-6)
+    assert torch.isfinite(SoftLabelLoss(trie, 0.3, "soft_ce", masked=True)(logits, targets, torch.randn(3, 81)))
+
+
 def test_soft_labels_follow_the_cf_preference():
     """Items 1 = (100, 101), 2 = (100, 102), 3 = (103,): the CF model prefers item 2, then 3, then 1."""
     trie = ItemTrie({1: [100, 101], 2: [100, 102], 3: [103]}, END)

@@ -18,7 +18,9 @@ Stages:
 
 Inference: beam search constrained by the item trie (``num_beams`` >= max(topk)) gives every user its top
 ``num_beams`` real items in order; RecBole's full-ranking evaluator ranks them first, every other item tied below
-(``model/ranking.py``, keyed by user and history: a user's validation and test rows are two entries).
+(``model/ranking.py``, keyed by user and history: a user's validation and test rows are two entries). Beams are
+scored on the LLM's raw log-probabilities (``temperature`` and ``msl`` shape the training loss only; the trie
+already restricts every step to real items).
 
 Item identifiers: ``item_identifier: title``. ``semantic_id`` (AlignTokenRec's codebook codes) is not available
 yet: that model's codebooks are not in this package.
