@@ -13,7 +13,7 @@ it is raised (the CLI prints it as ``recbole-llm: error: ...`` and exits with co
   columns of RecBole's types, the id columns present, every row with the header's field count, a float
   column that parses, at least one row. Streamed line by line (``bench/validate_speed.py``).
   Items the ``.inter`` references that the ``.item`` lacks are returned as a warning with a count.
-- LLM models: ``llm_path`` is ``smollm2``, ``tiny-random`` or a Hugging Face model folder;
+- LLM models: ``llm_path`` is ``smollm2``, ``gemma3-270m``, ``tiny-random`` or a Hugging Face model folder;
   ``item_text_fields`` are columns of the ``.item`` file; the model's own ``_check_options``.
 - Output folders (``checkpoint_dir``, ``log/``, ``log_tensorboard/``, ``llm_cache_dir``): creatable and
   writable, checked without creating anything (the nearest existing ancestor is a writable folder).
@@ -491,7 +491,7 @@ def check_llm_path(config):
     from recbole_llm.llm.loading import check_llm_folder
 
     path = config["llm_path"] or "smollm2"
-    if path not in ("smollm2", "tiny-random"):
+    if path not in ("smollm2", "gemma3-270m", "tiny-random"):
         check_llm_folder(path)
 
 

@@ -13,7 +13,8 @@ from recbole_llm.utils import create_dataset, data_preparation, get_trainer
 from tests.conftest import tiny_config, write_tiny_dataset
 
 METRICS = ["precision@5", "precision@10", "ndcg@5", "ndcg@10"]
-VARIANTS = dict(ABLATIONS, fl={"inference": "fl"}, ar={"inference": "ar"}, mf_backbone={"cf_backbone": "MF"})
+VARIANTS = dict(ABLATIONS, fl={"inference": "fl"}, ar={"inference": "ar"}, mean={"inference": "mean"},
+                mf_backbone={"cf_backbone": "MF"})
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,7 @@ def test_unknown_text_field_names_the_field(tiny_data, tmp_path):
 
 
 @pytest.mark.parametrize("key,value", [("inference", "beam"), ("cf_backbone", "NGCF"), ("gllm_k", 0),
-                                       ("gllm_init", "zeros")])
+                                       ("gllm_init", "zeros"), ("cross_fit", 1.0)])
 def test_bad_options_name_the_option(tiny_data, tmp_path, key, value):
     config = tiny_config(tiny_data, checkpoint_dir=str(tmp_path / "saved"), **{key: value})
     with pytest.raises(ConfigError, match=key):
@@ -202,3 +203,75 @@ def test_glta_runs_wholly_in_fp32_on_a_cpu_without_native_bf16(tiny_data, monkey
     assert loss.dtype == torch.float32
     model.full_sort_predict({model.USER_ID: torch.tensor([1, 2])})
     assert seen == {torch.float32}
+
+
+def _model(tiny_data, tmp_path, **overrides):
+    config = tiny_config(tiny_data, checkpoint_dir=str(tmp_path / "saved"), llm_dtype="fp32", **overrides)
+    cfg = Config("GLTA", "tiny", config_dict=config)
+    dataset = create_dataset(cfg)
+    train, valid, test = data_preparation(cfg, dataset)
+    model = GLTA(cfg, train._dataset)
+    return cfg, model, train, valid, test
+
+
+def test_mixed_slot_counts_are_scored_at_each_prompts_own_slots(tiny_data, tmp_path):
+    """B2: a batch mixing slot counts (e.g. the last item-text group is shorter) reads each row at its slots."""
+    cfg, model, *_ = _model(tiny_data, tmp_path, gllm_init="random")  # a head whose logits depend on the state
+    model.eval()
+    short = model._user_prompt(1, [2], n_slots=3)
+    long = model._user_prompt(2, [3, 4, 5, 6, 7, 8], n_slots=1)  # the longest prompt: no padding in the batch
+    assert len(long[0]) > len(short[0])
+    with torch.no_grad():
+        alone = model._slot_logits([long], None)[0, 0]
+        mixed = model._slot_logits([short, long], None)[1, 0]
+    assert torch.allclose(alone, mixed, atol=1e-4)
+
+
+def test_training_targets_are_never_in_the_prompt(tiny_data, tmp_path):
+    """B5: a user with <= k training items does not see the items it is trained to name."""
+    cfg, model, train, *_ = _model(tiny_data, tmp_path)
+    for u in (1, 2, 3):
+        model.user_items[u] = model.user_items[u][:2] if u == 1 else model.user_items[u][:cfg["gllm_k"]]
+    for epoch in range(3):
+        for batch in model.train_batches(train, epoch):
+            for u, shown, targets in batch:
+                assert targets and not set(shown) & set(targets), (u, shown, targets)
+                assert set(shown) | set(targets) <= set(model.user_items[u])
+
+
+def test_final_stage_starts_exactly_at_the_backbone_ranking(tiny_data, tmp_path):
+    """After every earlier stage (item-text alignment included) the final stage's step 0 ranks like the backbone:
+    the item-text stage trains its own head and slots, the final head's gate starts at 0."""
+    cfg, model, train, valid, test = _model(tiny_data, tmp_path)
+    trainer = get_trainer(cfg["MODEL_TYPE"], "GLTA")(cfg, model)
+    trainer.run_stages(train, valid)
+    model.eval()
+    assert model.head.gate.item() == 0
+    users = torch.arange(1, model.n_users)
+    scores = model.full_sort_predict({model.USER_ID: users}).reshape(len(users), -1)
+    backbone = (model.user_emb[users] @ model.item_emb.T).masked_fill(model._seen(users.tolist(), "cpu"), -1e9)
+    backbone[:, 0] = -1e9
+    assert torch.equal(scores.topk(10).indices, backbone.topk(10).indices)
+
+
+def test_other_training_items_are_left_out_of_each_slots_softmax(tiny_data, tmp_path):
+    cfg, model, train, *_ = _model(tiny_data, tmp_path)
+    batch = model.train_batches(train, 0)[0]
+    losses = {}
+    for masked in (True, False):
+        model.mask_other_positives = masked
+        with torch.no_grad():
+            losses[masked] = model.calculate_loss(batch).item()
+    assert losses[True] < losses[False]  # fewer competitors for every target
+
+
+def test_cross_fitting_holds_targets_out_of_the_backbone(tiny_data, tmp_path):
+    cfg, model, train, *_ = _model(tiny_data, tmp_path, cross_fit=0.2)
+    split = model.cf.dataset  # what the backbone service trains on
+    pairs = set(zip(split.inter_feat[model.USER_ID].tolist(), split.inter_feat[model.ITEM_ID].tolist()))
+    held = {(u, i) for u, items in enumerate(model.held_out) for i in items}
+    assert held and not pairs & held
+    assert len(pairs) + len(held) == len(train._dataset.inter_feat)
+    for batch in model.train_batches(train, 0):
+        for u, shown, targets in batch:
+            assert targets and set(targets) <= model.held_out[u] and not set(shown) & set(targets)

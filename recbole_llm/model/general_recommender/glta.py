@@ -16,27 +16,42 @@ the LLM stays frozen):
 
 GLLM head (``gllm_init``):
   ``random``    Z_t = W h_t + b, a plain linear layer over all items (the paper's description);
-  ``backbone``  Z_t = E_i (E_u + M h_t) + b with M zero-initialised: the head is tied to the frozen backbone
-                item embeddings through a learned map, so step 0 ranks exactly like the backbone and what
-                the LLM adds is learned on top (GLTA-notes). In the item-text stage there is no user: E_u = 0.
-                That stage trains M too, so the final stage starts from the backbone's ranking moved by M
-                (measured on ml-100k with SmolLM2: see BENCHMARKS.md).
+  ``backbone``  Z_t = E_i (E_u + g M n(h_t)): a residual on the frozen backbone's scores that is safe to train.
+                n(.) centres and normalises the slot states over users (BatchNorm without affine weights:
+                SmolLM2's slot states are ~96% shared across users), M maps them into CF space and the scalar
+                gate g starts at 0, so step 0 ranks exactly like the backbone; there is no free item bias to
+                fit on seen items. With ``mask_other_positives`` each slot's softmax in eq. 3 leaves out the
+                user's other training items (they are not negatives). The item-text stage trains its own head
+                (``ia_head``, no user, no gate) and its own slots: only the item projector carries over, and
+                the final stage starts exactly at the backbone's ranking. Run it with ``eval_before_training``:
+                the start is validated and kept unless training beats it (never below the backbone on valid).
 
 Inference (``inference``): ``glta`` reads the ranking off the first k slots (slot t places its best item not
 yet placed nor masked); ``fl`` places the top-k items of slot 1; ``ar`` feeds the item token chosen
-at slot t-1 as the input of slot t (autoregressive). Placement skips the items this evaluation masks (training
+at slot t-1 as the input of slot t (autoregressive); ``mean`` places the top-k items of the mean
+log-probability over all k slots (and uses it as the fallback score). Placement skips the items this evaluation masks (training
 items at validation, training + validation items at test). Scores for RecBole's full ranking come from
 ``recbole_llm.model.ranking`` (the same rule for every variant): the k placed items first in slot order, then
-the best log-softmax over the slots of the next items up to ``ranking_top_k``, every other item tied below.
+the best log-softmax over the slots (``mean``: the mean) of the next items up to ``ranking_top_k``, every other
+item tied below.
 
-Ablations: ``item_text_alignment: False`` (w/o IA: skip stage 3, train both projectors in stage 4),
-``user_alignment: False`` (w/o UA: a learned user-ID embedding in place of the projected user token),
-``use_profile: False`` / ``use_prediction: False`` (w/o PF / PD: drop those template segments).
+Cross-fitting (``cross_fit: f``, 0 = off): eq. 3's targets should be items the backbone has not fitted. The
+backbone is then trained on a copy of the training split without a held-out fraction f of each user's items
+(at least one item kept per user; the copy is ``dataset.copy`` of the split with those rows removed); the final
+stage draws its targets from the held-out items and shows the others. GLTA then ranks over that backbone.
 
-Users with fewer than k training items supervise only as many slots as they have items. A user with no
-training item has an empty history, a generated text from no items, and no training loss.
+Ablations (``ABLATIONS``, as in the paper, changing what the LLM sees *and* what the head uses):
+``item_text_alignment: False`` (w/o IA: skip stage 3, train both projectors in stage 4);
+``user_alignment: False`` (w/o UA: a learned user-ID embedding in place of the projected user token, and no
+backbone user embedding in the head: Z_t = E_i M n(h_t), ungated, so the user reaches the scores only through
+the LLM); ``use_profile: False`` / ``use_prediction: False`` (w/o PF / PD: drop those template segments).
+
+Training targets are never shown in the prompt: a user with more than k training items supervises k slots
+with k of them (shuffled) and shows others; a user with n <= k items supervises ceil(n / 2) slots and shows the
+rest. A user with no training item has an empty history, a generated text from no items, and no training loss.
 """
 import logging
+import math
 import random
 
 import numpy as np
@@ -60,8 +75,8 @@ from recbole_llm.model.ranking import Ranking
 logger = logging.getLogger(__name__)
 
 BACKBONES = {"LightGCN": "LightGCN", "MF": "BPR", "BPR": "BPR", "DCCF": "DCCF"}
-INFERENCE = ("glta", "fl", "ar")
-# The paper's ablations (§4.3, §4.4) and the GLLM head alternative, as config overrides.
+INFERENCE = ("glta", "fl", "ar", "mean")
+# The paper's ablations (§4.3, §4.4), the GLLM head alternative and cross-fitting, as config overrides.
 ABLATIONS = {
     "default": {},
     "wo_ia": {"item_text_alignment": False},
@@ -69,31 +84,41 @@ ABLATIONS = {
     "wo_pf": {"use_profile": False},
     "wo_pd": {"use_prediction": False},
     "random_head": {"gllm_init": "random"},
+    "cross_fit": {"cross_fit": 0.1},
 }
 
 
 class GLLMHead(nn.Module):
-    """Graph-Language Logits Matching: last hidden states -> logits over all items, Z in R^{L x |I|}."""
+    """Graph-Language Logits Matching: last hidden states -> logits over all items, Z in R^{L x |I|}.
 
-    def __init__(self, hidden_size, n_items, init, cf_dim):
+    ``random``: Z = W h + b. ``backbone``: Z = E_i (E_u + g M n(h)) with n a centring / normalising BatchNorm
+    (no affine weights) and a scalar gate g (``gated``; zero-initialised) or g = 1.
+    """
+
+    def __init__(self, hidden_size, n_items, init, cf_dim, gated=True):
         super().__init__()
         self.init = init
         if init == "random":
             self.linear = nn.Linear(hidden_size, n_items)
         else:
+            self.norm = nn.BatchNorm1d(hidden_size, affine=False)
             self.map = nn.Linear(hidden_size, cf_dim, bias=False)
-            nn.init.zeros_(self.map.weight)
-            self.bias = nn.Parameter(torch.zeros(n_items))
+            self.gate = nn.Parameter(torch.zeros(())) if gated else None
 
     def forward(self, hidden, item_emb, user_emb=None):
         with torch.autocast(device_type=hidden.device.type, enabled=False):  # logits over all items in fp32
             hidden = hidden.float()
             if self.init == "random":
                 return self.linear(hidden)
-            query = self.map(hidden)
-            if user_emb is not None:
-                query = query + user_emb.unsqueeze(1)
-            return query @ item_emb.T + self.bias
+            states = hidden.flatten(0, 1)
+            batch_stats = self.training and len(states) > 1  # one state alone cannot be centred: running stats
+            states = F.batch_norm(states, self.norm.running_mean, self.norm.running_var,
+                                  training=batch_stats, momentum=self.norm.momentum, eps=self.norm.eps)
+            residual = self.map(states.view_as(hidden))
+            if self.gate is not None:
+                residual = self.gate * residual
+            query = residual if user_emb is None else residual + user_emb.unsqueeze(1)
+            return query @ item_emb.T
 
 
 class GLTA(LLMRecommender, GeneralRecommender):
@@ -111,17 +136,20 @@ class GLTA(LLMRecommender, GeneralRecommender):
         self.use_ua = bool(config["user_alignment"])
         self.use_profile = bool(config["use_profile"])
         self.use_prediction = bool(config["use_prediction"])
+        self.mask_other_positives = bool(config["mask_other_positives"])
+        self.cross_fit = float(config["cross_fit"] or 0)
         self.backbone = BACKBONES[config["cf_backbone"]]
 
         # The user's training items (the split RecBole hands the model), most recent last.
         self.item_texts = load_item_texts(config, dataset)
         self.user_items = self._training_items(dataset)
+        self.held_out = self._held_out_items() if self.cross_fit else None
 
         # The frozen LLM and its tokenizer.
         self.llm, self.tokenizer = load_llm(config)
         hidden = self.llm.config.hidden_size
         self.token_std = embedding_std(self.llm)
-        self.cf = CFBackbone(config, dataset, self.backbone)
+        self.cf = CFBackbone(config, self.backbone_split(dataset), self.backbone)
         cf_dim = self.cf.embedding_size
 
         # Stage 1 output (frozen CF embeddings), projectors (eq. 1, 2), output slots and the GLLM head.
@@ -132,8 +160,11 @@ class GLTA(LLMRecommender, GeneralRecommender):
         self.user_id_emb = nn.Embedding(self.n_users, hidden) if not self.use_ua else None
         if self.user_id_emb is not None:
             nn.init.normal_(self.user_id_emb.weight, std=self.token_std)
-        self.slots = nn.Parameter(torch.randn(max(self.k, self.m), hidden) * self.token_std)
-        self.head = GLLMHead(hidden, self.n_items, config["gllm_init"], cf_dim)
+        self.slots = nn.Parameter(torch.randn(self.k, hidden) * self.token_std)
+        self.head = GLLMHead(hidden, self.n_items, config["gllm_init"], cf_dim, gated=self.use_ua)
+        # The item-text stage's own slots and head: what the final stage starts from is not moved by it.
+        self.ia_slots = nn.Parameter(torch.randn(self.m, hidden) * self.token_std)
+        self.ia_head = GLLMHead(hidden, self.n_items, config["gllm_init"], cf_dim, gated=False)
 
         # Templates (from YAML) and the texts stage 2 writes.
         self.ia_template = PromptTemplate(config["ia_template"], self.tokenizer)
@@ -159,6 +190,9 @@ class GLTA(LLMRecommender, GeneralRecommender):
             raise ConfigError(f"inference: unknown '{config['inference']}' (choose from {', '.join(INFERENCE)})")
         if config["gllm_init"] not in ("random", "backbone"):
             raise ConfigError(f"gllm_init: unknown '{config['gllm_init']}' (choose from random, backbone)")
+        cross_fit = config["cross_fit"] or 0
+        if not isinstance(cross_fit, (int, float)) or not 0 <= cross_fit < 1:
+            raise ConfigError(f"cross_fit: must be a fraction in [0, 1), got {config['cross_fit']!r}")
         for key in ("gllm_k", "ia_items_per_prompt", "ua_history_len", "gen_history_len"):
             if not isinstance(config[key], int) or config[key] < 1:
                 raise ConfigError(f"{key}: must be a positive integer, got {config[key]!r}")
@@ -176,6 +210,24 @@ class GLTA(LLMRecommender, GeneralRecommender):
             logger.warning(f"gllm_k={self.config['gllm_k']} exceeds every user's training history "
                            f"(longest {longest}): each user supervises only as many slots as items")
         return per_user
+
+    def _held_out_items(self):
+        """Cross-fitting: a fraction ``cross_fit`` of each user's training items (at least one item kept), drawn
+        with the seed; the backbone does not see them and eq. 3 draws its targets from them."""
+        rng = random.Random(self.config["seed"] * 1000 + 7)
+        held = []
+        for items in self.user_items:
+            n = min(len(items) - 1, round(self.cross_fit * len(items))) if items else 0
+            held.append(set(rng.sample(items, n)) if n > 0 else set())
+        return held
+
+    def backbone_split(self, dataset):
+        """The split the backbone trains on: ``dataset``, or with cross-fitting a copy without the held-out rows."""
+        if not self.cross_fit:
+            return dataset
+        users, items = dataset.inter_feat[self.USER_ID].tolist(), dataset.inter_feat[self.ITEM_ID].tolist()
+        keep = torch.tensor([i not in self.held_out[u] for u, i in zip(users, items)])
+        return dataset.copy(dataset.inter_feat[keep])
 
     def _ua_segments(self, segments):
         drop = set()
@@ -196,17 +248,17 @@ class GLTA(LLMRecommender, GeneralRecommender):
     # ----- stages -------------------------------------------------------------------------------------------
     def stages(self):
         stages = [
-            self.cf.stage(on_load=self.load_graph),
+            self._cf_stage(),
             Stage("profile_generation", self.generate_profiles, self.load_profiles,
                   ["item_text_fields", "item_text_separator", "profile_prompt", "prediction_prompt",
                    "gen_system_prompt", "gen_history_len", "gen_max_tokens"], uses_llm=True),
         ]
         if self.use_ia:
-            stages.append(TrainStage("item_text_alignment", modules=["item_proj", "head", "slots"],
+            stages.append(TrainStage("item_text_alignment", modules=["item_proj", "ia_head", "ia_slots"],
                                      batches=self.item_text_batches, loss=self.item_text_loss,
                                      epochs="ia_epochs", learning_rate="ia_learning_rate",
                                      config_keys=["item_text_fields", "item_text_separator", "ia_template",
-                                                  "ia_items_per_prompt", "ia_desc_tokens", "gllm_init", "gllm_k"]))
+                                                  "ia_items_per_prompt", "ia_desc_tokens", "gllm_init"]))
         return stages
 
     def final_stage(self):
@@ -217,7 +269,12 @@ class GLTA(LLMRecommender, GeneralRecommender):
         return TrainStage("user_item_alignment", modules=modules, batches=self.train_batches,
                           loss=self.calculate_loss)
 
-    # Stage 1: graph pretraining (the CF-backbone service's cf_pretrain stage).
+    # Stage 1: graph pretraining (the CF-backbone service's cf_pretrain stage, on backbone_split).
+    def _cf_stage(self):
+        stage = self.cf.stage(on_load=self.load_graph)
+        stage.config_keys = stage.config_keys + ["cross_fit"]  # cross-fitting trains it on fewer rows
+        return stage
+
     def load_graph(self):
         user_emb, item_emb = self.cf.embeddings()
         self.user_emb.copy_(user_emb)
@@ -260,39 +317,63 @@ class GLTA(LLMRecommender, GeneralRecommender):
             for n, item in enumerate(order, 1):
                 desc += self.tokenizer(f" ({n}) ", add_special_tokens=False)["input_ids"] + self._desc_ids[item]
             encoded.append(self.ia_template.encode(items=self.item_tokens(torch.tensor(items)), descriptions=desc,
-                                                   slots=self.slots[:len(items)]))
+                                                   slots=self.ia_slots[:len(items)]))
             targets.append(order)
         return encoded, targets
 
     def item_text_loss(self, groups):
         encoded, targets = self.item_text_prompts(groups)
-        return self._slot_loss(self._slot_logits(encoded, None), targets)
+        return self._slot_loss(self._slot_logits(encoded, None, self.ia_head), targets)
 
     # Stage 4 (final): user-item alignment, trained by RecBole's loop in LLMTrainer.
     def train_batches(self, train_data, epoch):
         rng = random.Random(self.config["seed"] * 1000 + 500 + epoch)
-        users = [u for u in range(1, self.n_users) if self.user_items[u]]
+        pool = self.held_out if self.cross_fit else self.user_items  # where eq. 3's targets come from
+        users = [u for u in range(1, self.n_users) if pool[u]]
         rng.shuffle(users)
         batches = []
         for start in range(0, len(users), self.config["train_batch_size"]):
-            batch = []
-            for u in users[start:start + self.config["train_batch_size"]]:
-                items = self.user_items[u][:]
-                rng.shuffle(items)
-                targets = items[:self.k]  # k of the user's training items, shuffled (eq. 3)
-                shown = items[self.k:self.k + self.config["ua_history_len"]] or items[:self.config["ua_history_len"]]
-                batch.append((u, shown, targets))
+            batch = [(u, *self._targets_and_shown(u, rng)) for u in users[start:start + self.config["train_batch_size"]]]
             batches.append(batch)
         return batches
+
+    def _targets_and_shown(self, user, rng):
+        """Up to k of the user's training items as targets, shuffled (eq. 3), and items to show: never a target."""
+        items = self.user_items[user][:]
+        rng.shuffle(items)
+        if self.cross_fit:
+            targets = [i for i in items if i in self.held_out[user]][:self.k]
+        else:
+            targets = items[:self.k] if len(items) > self.k else items[:math.ceil(len(items) / 2)]
+        chosen = set(targets)
+        shown = [i for i in items if i not in chosen][:self.config["ua_history_len"]]
+        return shown, targets
 
     def user_item_prompts(self, batch):
         return [self._user_prompt(u, shown) for u, shown, _ in batch]
 
     def calculate_loss(self, batch):
         self.ranking.clear()  # RecBole's restore_* idiom: the weights are about to change
-        users = torch.tensor([u for u, _, _ in batch], device=self.device)
-        logits = self._slot_logits(self.user_item_prompts(batch), self.user_emb[users])
-        return self._slot_loss(logits, [targets for _, _, targets in batch])
+        users = [u for u, _, _ in batch]
+        logits = self._slot_logits(self.user_item_prompts(batch), self._head_user(users))
+        targets = [targets for _, _, targets in batch]
+        if self.mask_other_positives:  # the user's other training items are not negatives of a slot
+            others = self._seen(users, logits.device).unsqueeze(1).repeat(1, logits.shape[1], 1)
+            for row, items in enumerate(targets):
+                others[row, torch.arange(len(items)), torch.tensor(items)] = False
+            logits = logits.masked_fill(others, -1e4)
+        return self._slot_loss(logits, targets)
+
+    def _seen(self, users, device):
+        """(B, |I|) bool: each user's training items."""
+        mask = torch.zeros(len(users), self.n_items, dtype=torch.bool)
+        for row, u in enumerate(users):
+            mask[row, self.user_items[u]] = True
+        return mask.to(device)
+
+    def _head_user(self, users):
+        """The backbone user embedding the head adds (none for w/o UA: the user comes only through the LLM)."""
+        return self.user_emb[torch.tensor(users, device=self.device)] if self.use_ua else None
 
     # ----- the pieces every stage uses ------------------------------------------------------------------------
     def item_tokens(self, items):
@@ -311,13 +392,17 @@ class GLTA(LLMRecommender, GeneralRecommender):
             prediction=self._tokens(self.prediction_texts[user], limit),
             slots=self.slots[:n_slots or self.k])
 
-    def _slot_logits(self, encoded, user_emb):
-        """Logits over all items at the output slots, which end every prompt: (B, n_slots, |I|)."""
-        n_slots = len(next(iter(encoded))[2]["slots"])
-        input_ids, attention, placeholder, vectors, _ = collate(encoded, self.tokenizer.pad_token_id, "left")
+    def _slot_logits(self, encoded, user_emb, head=None):
+        """Logits over all items at each prompt's own output slots: (B, most slots, |I|); a row with fewer slots
+        repeats its last one (its labels there are ignored)."""
+        input_ids, attention, placeholder, vectors, positions = collate(encoded, self.tokenizer.pad_token_id, "left")
         hidden = last_hidden_states(self.llm, input_ids.to(self.device), attention.to(self.device),
                                     placeholder.to(self.device), vectors)
-        return self.head(hidden[:, -n_slots:], self.item_emb, user_emb)
+        width = max(len(p["slots"]) for p in positions)
+        index = torch.tensor([p["slots"] + p["slots"][-1:] * (width - len(p["slots"])) for p in positions],
+                             device=self.device)
+        slots = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        return (self.head if head is None else head)(slots, self.item_emb, user_emb)
 
     @staticmethod
     def _slot_loss(logits, targets):
@@ -341,17 +426,18 @@ class GLTA(LLMRecommender, GeneralRecommender):
                 logp, placed = self._autoregressive(users, exclude)
             else:
                 encoded = [self._user_prompt(u, self._inference_history(u)) for u in users]
-                logits = self._slot_logits(encoded, self.user_emb[torch.tensor(users, device=self.device)])
-                logp, placed = self._place(logits, exclude)
-        return placed, logp.max(dim=1).values
+                logp, placed = self._place(self._slot_logits(encoded, self._head_user(users)), exclude)
+        return placed, (logp.mean(dim=1) if self.inference == "mean" else logp.max(dim=1).values)
 
     def _place(self, logits, exclude):
         """Log-probabilities per slot and the k placed items, never ``exclude``d (B, |I|): first-k slots (glta)
-        or slot 1's top-k (fl)."""
+        or slot 1's top-k (fl) or the top-k of the mean over slots (mean)."""
         logp = F.log_softmax(logits.float(), dim=-1)
         available = logp.masked_fill(exclude.unsqueeze(1), -np.inf)
         if self.inference == "fl":
             return logp, available[:, 0].topk(self.k, dim=-1).indices
+        if self.inference == "mean":
+            return logp, logp.mean(dim=1).masked_fill(exclude, -np.inf).topk(self.k, dim=-1).indices
         placed = []
         for t in range(self.k):
             slot = available[:, t].clone()
@@ -367,7 +453,7 @@ class GLTA(LLMRecommender, GeneralRecommender):
         attention = attention.to(self.device)
         base = decoder(self.llm)
         embeds = embed_inputs(self.llm, input_ids.to(self.device), placeholder.to(self.device), vectors)
-        user_emb = self.user_emb[torch.tensor(users, device=self.device)]
+        user_emb = self._head_user(users)
         seen = exclude
         out = base(inputs_embeds=embeds, attention_mask=attention, use_cache=True)
         logps, placed = [], []
