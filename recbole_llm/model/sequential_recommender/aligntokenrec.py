@@ -1,0 +1,442 @@
+r"""
+AlignTokenRec
+################################################
+
+Reference:
+    Guanghan Li et al. "Semantic Convergence: Harmonizing Recommender Systems via Two-Stage Alignment and
+    Behavioral Semantic Tokenization." in AAAI 2025. (No public code.)
+
+Stages, in the paper's order (each cached by ``StageCache``):
+  1. cf_pretrain             DCCF (or ``cf_backbone``) on the training split; its item embeddings Emb(r_i).
+  2. codebook_init           the LLM embedding of every item, E^LLM: the LLM's input embeddings mean-pooled over
+                             the item's title and description tokens; each codebook level initialised by k-means
+                             on its input (level n on the residual of level n-1).
+  3. alignment_tokenization  the codebooks train on L = L^B + L^L (eqs. 1-4): behaviour alignment (each level's
+                             input to its chosen code) plus LLM alignment (each chosen code to E^LLM), in fp32.
+  4. item_codes              each item's N codes; the collision rate is logged and collisions resolved (the item
+                             closest to the shared last code keeps it, the others take their nearest free last-level
+                             code under the same prefix), so every item has a unique sequence; the item trie.
+  5. alignment_tasks         (the final stage, RecBole's loop) LoRA SFT of the LLM with N x C new code tokens on
+                             the sequential, negative-behaviour, text and query tasks (templates in the YAML).
+Inference: the LC-Rec prompt, beam search constrained to the item trie (every output is a real item), the beams'
+items ranked first through ``recbole_llm.model.ranking`` (the rest tied below). ``recbole_llm.serve`` caches the
+top-K per user and adds new items without retraining.
+
+Where the paper is silent, this implementation chooses:
+  - E^LLM (width H) and the codes (width d of the CF embedding) differ in size: L^L compares a learned linear map
+    of each chosen code, W B^n_{c*} + b (``llm_align``, trained with the codebooks), with E^LLM centred over the
+    items (the mean-pooled embeddings share a large common component). The target is fixed: it cannot collapse.
+  - Eq. 1 writes |E - B|; we use the signed residual E - B (the residual the text describes, as in RQ-VAE).
+    Each level's input is detached: L^B trains level n's codes towards its input only.
+  - Text: ``item_text_fields``' first field is the title, the rest joined is the description (ml-100k has no
+    description: year and genres stand in). An item without text gets "item <token>".
+  - Training prompts of the sequential task use the paper's wording and the LC-Rec inference wording, one drawn per
+    sample (the model would never see the inference prompt otherwise). Negatives: ``neg_ratio`` negative prompts
+    per sequential prompt, each an item the user never interacted with in the training split.
+  - Sequential samples are RecBole's training rows (one per target item, history up to ``MAX_ITEM_LIST_LENGTH`` =
+    20); ``seq_rows_per_user`` keeps each user's latest rows only (None: all).
+  - "ED" (``tokenization: ed``): an MLP encoder / decoder around the codebooks with RQ-VAE's reconstruction and
+    commitment (0.25) losses added; "w/o AM" (``llm_alignment: False``): no L^L.
+  - ``code_token_init: mlp2 | mlp3`` (Table 7): the new rows start as a seeded random MLP of each code's codebook
+    vector, scaled to the embedding table's spread; the MLP is not trained further (the rows are). ``none`` (the
+    paper's default): the mean-resized rows.
+  - Queries: reviews from the training split's (user, item) pairs only, when ``review_text_field`` is in the .inter
+    file.
+  - A new item: its CF embedding is quantized by the trained codebooks; with text only, its E^LLM is mapped to the
+    CF space by a ridge regression fitted on the training items (stored with the codebooks).
+"""
+import csv
+import logging
+import os
+import random
+
+import numpy as np
+import torch
+from recbole.model.abstract_recommender import SequentialRecommender
+from torch import nn
+
+from recbole_llm.data.item_text import item_text_file, load_item_texts
+from recbole_llm.data.prompts import PromptTemplate, collate
+from recbole_llm.errors import ConfigError
+from recbole_llm.llm import ItemTrie, beam_search_items, load_llm
+from recbole_llm.llm.inputs import input_embedding
+from recbole_llm.llm.scoring import answer_batch, causal_lm_loss, encode_texts
+from recbole_llm.model.abstract import LLMRecommender, Stage, TrainStage
+from recbole_llm.model.backbone import backbone_config, pretrain_backbone
+from recbole_llm.model.quantize import (ResidualQuantizer, collision_rate, paired_distance, pairwise_distance,
+                                        resolve_collisions)
+from recbole_llm.model.ranking import Ranking
+
+logger = logging.getLogger(__name__)
+
+TOKEN_INITS = ("none", "mlp2", "mlp3")
+TOKENIZATIONS = ("align", "ed")
+# The paper's ablations (Tables 3-5, 7) as config overrides.
+ABLATIONS = {
+    "default": {},
+    "ed": {"tokenization": "ed"},
+    "wo_am": {"llm_alignment": False},
+    "wo_ns": {"neg_ratio": 0},
+    **{f"nsr_1_{r}": {"neg_ratio": r} for r in range(5)},
+    **{f"levels_{n}": {"codebook_levels": n} for n in range(2, 6)},
+    "init_mlp2": {"code_token_init": "mlp2"},
+    "init_mlp3": {"code_token_init": "mlp3"},
+}
+
+
+def code_tokens(levels, codes):
+    """The N x C new tokens, LC-Rec style: ``<a_0>`` .. for level 0, ``<b_0>`` .. for level 1, ..."""
+    return [f"<{chr(ord('a') + n)}_{c}>" for n in range(levels) for c in range(codes)]
+
+
+class AlignTokenRec(LLMRecommender, SequentialRecommender):
+    other_parameter_name = ["collision_rate"]  # saved with the checkpoint (RecBole's other_parameter)
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.config = config
+        self._check_options(config)
+
+        # load parameters info
+        self.levels, self.n_codes = int(config["codebook_levels"]), int(config["codebook_size"])
+        self.distance = config["codebook_distance"]
+        self.llm_alignment = bool(config["llm_alignment"])
+        self.neg_ratio = int(config["neg_ratio"])
+        self.beam_size = int(config["beam_size"])
+
+        # item text (fails here, naming the field, if the dataset lacks it) and the training split
+        texts = load_item_texts(config, dataset, separator="\t")
+        tokens = dataset.field2id_token[self.ITEM_ID]
+        self.titles = [t.split("\t")[0] if t else f"item {tokens[i]}" for i, t in enumerate(texts)]
+        self.descriptions = [", ".join(t.split("\t")[1:]) for t in texts]
+        self._training_rows(dataset)
+        self.reviews = self._training_reviews(config, dataset)
+
+        # the LLM with N x C new code tokens (trainable rows, saved with the LoRA adapters)
+        self.llm, self.tokenizer = load_llm(config, new_tokens=code_tokens(self.levels, self.n_codes))
+        self.code_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(code_tokens(self.levels, self.n_codes)))
+        self.code_ids = self.code_ids.view(self.levels, self.n_codes)
+        self.eos = self.tokenizer.eos_token_id
+
+        # define layers: CF embeddings, codebooks, the LLM-alignment target, codes per item
+        self.cf_dim = cf_dim = int(backbone_config(config, config["cf_backbone"])[0]["embedding_size"])
+        hidden = input_embedding(self.llm).weight.shape[1]
+        self.register_buffer("item_emb", torch.zeros(self.n_items, cf_dim))
+        self.register_buffer("llm_emb", torch.zeros(self.n_items, hidden), persistent=False)  # E^LLM, stage 3 only
+        self.register_buffer("text_to_cf", torch.zeros(hidden + 1, cf_dim))  # ridge map E^LLM (+ 1) -> CF space
+        self.register_buffer("item_codes", torch.zeros(self.n_items, self.levels, dtype=torch.long))
+        self.quantizer = ResidualQuantizer(cf_dim, self.levels, self.n_codes, self.distance,
+                                           encoder_decoder=config["tokenization"] == "ed")
+        self.llm_align = nn.Linear(cf_dim, hidden)  # codes -> LLM input space, for L^L
+        self.trie = None
+        self.collision_rate = None
+        self.new_item_codes = {}  # items added after training (internal ids from n_items on): their codes
+        self.valid_items, self.decoded_items = 0, 0  # constrained decoding: valid items / decoded sequences
+
+        # templates (YAML)
+        self.templates = {name: PromptTemplate(config[f"{name}_template"], self.tokenizer)
+                          for name in ("text", "query", "neg", "inference")}
+        self.seq_templates = [PromptTemplate(t, self.tokenizer) for t in config["seq_templates"]]
+        self.sep_ids = self.tokenizer(config["history_separator"], add_special_tokens=False)["input_ids"]
+        self.ranking = Ranking(config, dataset, self._score_rows)
+        self.requires_grad_(False)
+
+    # ----- options and data ------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_options(config):
+        if config["tokenization"] not in TOKENIZATIONS:
+            raise ConfigError(f"tokenization: unknown '{config['tokenization']}' (choose from align, ed)")
+        if config["code_token_init"] not in TOKEN_INITS:
+            raise ConfigError(f"code_token_init: unknown '{config['code_token_init']}' "
+                              f"(choose from {', '.join(TOKEN_INITS)})")
+        for key, low, high in (("codebook_levels", 1, 26), ("codebook_size", 2, None), ("beam_size", 1, None),
+                               ("neg_ratio", 0, None)):
+            value = config[key]
+            if not isinstance(value, int) or value < low or (high and value > high):
+                raise ConfigError(f"{key}: must be an integer in [{low}, {high or 'inf'}], got {value!r}")
+        if config["MAX_ITEM_LIST_LENGTH"] > 20:
+            logger.warning("MAX_ITEM_LIST_LENGTH > 20: the paper caps the history at 20 items")
+
+    def _training_rows(self, dataset):
+        """RecBole's training rows (history -> target) and each user's training items."""
+        feat = dataset.inter_feat
+        self.row_users = feat[self.USER_ID].numpy()
+        self.row_targets = feat[self.ITEM_ID].numpy()
+        lengths = feat[self.ITEM_SEQ_LEN].numpy()
+        seqs = feat[self.ITEM_SEQ].numpy()
+        self.row_histories = [seqs[r, :lengths[r]].tolist() for r in range(len(lengths))]
+        self.user_items = [set() for _ in range(dataset.user_num)]
+        for u, target, history in zip(self.row_users, self.row_targets, self.row_histories):
+            self.user_items[u].add(int(target))
+            self.user_items[u].update(history)
+        limit = self.config["seq_rows_per_user"]
+        order = np.argsort(self.row_users, kind="stable")  # rows of a user are in time order (RecBole sorts)
+        keep, count = [], {}
+        for r in order[::-1]:
+            u = self.row_users[r]
+            if limit is None or count.get(u, 0) < limit:
+                keep.append(r)
+                count[u] = count.get(u, 0) + 1
+        self.seq_rows = sorted(keep)
+
+    def _training_reviews(self, config, dataset):
+        """(user, item, review) of the training split's pairs, from ``review_text_field`` of the .inter file."""
+        field = config["review_text_field"]
+        path = os.path.join(config["data_path"], f"{config['dataset']}.inter")
+        if not field or not os.path.isfile(path):
+            return []
+        with open(path, encoding=config["encoding"] or "utf-8", newline="") as f:
+            reader = csv.reader(f, delimiter=config["field_separator"] or "\t")
+            header = [c.split(":")[0] for c in next(reader)]
+            if field not in header:
+                return []
+            cols = [header.index(name) for name in (self.USER_ID, self.ITEM_ID, field)]
+            user_ids, item_ids = dataset.field2token_id[self.USER_ID], dataset.field2token_id[self.ITEM_ID]
+            reviews = []
+            for row in reader:
+                if len(row) <= max(cols):
+                    continue
+                u, i = user_ids.get(row[cols[0]]), item_ids.get(row[cols[1]])
+                if u is not None and i is not None and i in self.user_items[u] and row[cols[2]].strip():
+                    reviews.append((u, i, row[cols[2]].strip()))
+        return reviews
+
+    # ----- stages -------------------------------------------------------------------------------------------
+    def stages(self):
+        tokenization_keys = ["codebook_levels", "codebook_size", "codebook_distance", "tokenization",
+                             "kmeans_iters", "item_text_fields", "item_text_separator"]
+        return [
+            Stage("cf_pretrain", self.pretrain_cf, self.load_cf, ["cf_backbone", "cf_config"]),
+            Stage("codebook_init", self.init_codebooks, self.load_codebooks, tokenization_keys, uses_llm=True),
+            TrainStage("alignment_tokenization", modules=["quantizer", "llm_align"], batches=self.item_batches,
+                       loss=self.tokenization_loss, epochs="codebook_epochs", learning_rate="codebook_learning_rate",
+                       uses_llm=False, config_keys=tokenization_keys + ["llm_alignment", "codebook_batch_size"]),
+            Stage("item_codes", self.assign_codes, self.load_codes, tokenization_keys),
+        ]
+
+    def final_stage(self):
+        """Stage 5: LoRA SFT on the alignment tasks (LoRA and the code-token rows train), RecBole's loop."""
+        return TrainStage("alignment_tasks", modules=["llm"], batches=self.task_batches, loss=self.calculate_loss)
+
+    # Stage 1: the CF backbone's item embeddings, Emb(r_i).
+    def pretrain_cf(self, trainer, train_data, valid_data):
+        return pretrain_backbone(self.config, train_data, valid_data, self.config["cf_backbone"])
+
+    def load_cf(self, artifact):
+        if artifact["item_emb"].shape[1] != self.cf_dim:
+            raise ConfigError(f"embedding_size: the backbone's embeddings are {artifact['item_emb'].shape[1]} wide, "
+                              f"not {self.cf_dim}; set embedding_size to the backbone's")
+        self.item_emb.copy_(artifact["item_emb"])
+
+    # Stage 2: E^LLM (centred), the text -> CF map, k-means initialisation of each level.
+    def item_llm_embeddings(self, items=None, texts=None):
+        """E^LLM: mean of the LLM's input embeddings over the tokens of each item's title and description."""
+        if texts is None:
+            texts = [self._item_text(i) for i in items]
+        return encode_texts(self.llm, self.tokenizer, texts, layer="input", show_progress=False,
+                            max_length=self.config["max_text_tokens"])
+
+    def _item_text(self, item):
+        return f"{self.titles[item]} {self.descriptions[item]}".strip()
+
+    def init_codebooks(self, trainer, train_data, valid_data):
+        items = torch.arange(1, self.n_items)
+        llm_emb = self.item_llm_embeddings(items.tolist())
+        cf = self.item_emb[items].cpu()
+        x = torch.cat([llm_emb, torch.ones(len(llm_emb), 1)], 1)  # ridge: E^LLM -> Emb(r_i), for text-only items
+        ridge = torch.linalg.solve(x.T @ x + float(self.config["ridge_lambda"]) * torch.eye(x.shape[1]), x.T @ cf)
+        with torch.random.fork_rng():
+            torch.manual_seed(self.config["seed"])
+            quantizer = ResidualQuantizer(self.cf_dim, self.levels, self.n_codes, self.distance,
+                                          encoder_decoder=self.quantizer.encoder is not None)
+            quantizer.init_kmeans(cf, int(self.config["kmeans_iters"]), seed=int(self.config["seed"]))
+        centred = torch.cat([torch.zeros(1, llm_emb.shape[1]), llm_emb - llm_emb.mean(0)])
+        return {"quantizer": quantizer.state_dict(), "llm_emb": centred, "text_to_cf": ridge}
+
+    def load_codebooks(self, artifact):
+        self.quantizer.load_state_dict(artifact["quantizer"])
+        self.llm_emb = artifact["llm_emb"].to(self.item_emb.device)
+        self.text_to_cf.copy_(artifact["text_to_cf"])
+
+    # Stage 3: the codebooks train on L^B + L^L (eqs. 1-4), in fp32.
+    def item_batches(self, train_data, epoch):
+        generator = torch.Generator().manual_seed(int(self.config["seed"]) * 1000 + epoch)
+        items = torch.randperm(self.n_items - 1, generator=generator) + 1
+        return list(items.split(int(self.config["codebook_batch_size"])))
+
+    def tokenization_loss(self, items):
+        """(L^B, L^L[, L^rec]) averaged over the batch's items, each summed over the N levels (eq. 3)."""
+        items = items.to(self.device)
+        x = self.item_emb[items]
+        _, inputs, chosen, _ = self.quantizer(x)
+        behaviour = paired_distance(inputs.detach(), chosen, self.distance).sum(1).mean()  # L^B
+        target = self.llm_emb[items].unsqueeze(1).expand(-1, self.levels, -1)
+        llm = paired_distance(self.llm_align(chosen), target, self.distance).sum(1).mean()  # L^L
+        if not self.llm_alignment:
+            llm = llm.detach()  # w/o AM: reported, not trained
+        losses = (behaviour, llm)
+        if self.quantizer.decoder is not None:  # ED: RQ-VAE's commitment and reconstruction
+            commit = paired_distance(inputs, chosen.detach(), self.distance).sum(1).mean()
+            quantized = inputs[:, 0] + (chosen.sum(1) - inputs[:, 0]).detach()  # straight-through
+            recon = (self.quantizer.decoder(quantized) - x).pow(2).sum(-1).mean()
+            losses += (0.25 * commit + recon,)
+        return losses
+
+    # Stage 4: codes per item, collisions resolved; the trie.
+    @torch.no_grad()
+    def assign_codes(self, trainer, train_data, valid_data):
+        codes, _, _, distances = self.quantizer(self.item_emb[1:])
+        rate = collision_rate(codes)
+        unique = resolve_collisions(codes.cpu(), distances.cpu())
+        logger.info(f"alignment tokenization: {self.levels} x {self.n_codes} codes, collision rate "
+                    f"{100 * rate:.2f}% before resolution, {len(unique)} unique sequences")
+        return {"codes": torch.cat([unique.new_zeros(1, self.levels), unique]), "collision_rate": rate}
+
+    def load_codes(self, artifact):
+        self.item_codes.copy_(artifact["codes"])
+        self.collision_rate = artifact["collision_rate"]
+        self.trie = ItemTrie({i: self.item_token_ids(i) for i in range(1, self.n_items)}, self.eos)
+        if self.config["code_token_init"] != "none":
+            self._init_code_rows(int(self.config["code_token_init"][-1]))
+
+    @torch.no_grad()
+    def _init_code_rows(self, layers):
+        """Table 7: new rows = an MLP (``layers`` linear layers, ReLU between) of each code's codebook vector."""
+        hidden = input_embedding(self.llm).weight.shape[1]
+        with torch.random.fork_rng():
+            torch.manual_seed(self.config["seed"])
+            widths = [self.cf_dim] + [hidden] * layers
+            mlp = nn.Sequential(*[m for a, b in zip(widths, widths[1:]) for m in (nn.Linear(a, b), nn.ReLU())][:-1])
+        rows = mlp(self.quantizer.codebooks.detach().float().cpu().reshape(-1, self.cf_dim))
+        base = input_embedding(self.llm).weight
+        rows = (rows - rows.mean()) / rows.std().clamp(min=1e-8) * base.float().std() + base.float().mean()
+        deltas = [p for n, p in self.llm.named_parameters() if "trainable_tokens_delta" in n]
+        for delta in deltas:
+            delta.copy_(rows.to(delta.device, delta.dtype))
+
+    # ----- prompts --------------------------------------------------------------------------------------------
+    def item_token_ids(self, item):
+        """The LLM token ids of an item's N codes."""
+        codes = self.new_item_codes[item] if item >= self.n_items else self.item_codes[item].cpu()
+        return self.code_ids[torch.arange(self.levels), codes].tolist()
+
+    def history_ids(self, items):
+        ids = []
+        for n, item in enumerate(items[-self.max_seq_length:]):
+            ids += (self.sep_ids if n else []) + self.item_token_ids(item)
+        return ids
+
+    def _text_ids(self, text):
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"][:self.config["max_text_tokens"]]
+
+    def encode_sample(self, sample):
+        """A sample (task, template index, history / item / review, target) -> prompt ids."""
+        task, which, value = sample[:3]
+        if task == "seq":
+            return self.seq_templates[which].encode(history=self.history_ids(value))[0]
+        if task == "neg":
+            return self.templates["neg"].encode(history=self.history_ids(value))[0]
+        if task == "text":
+            return self.templates["text"].encode(title=self._text_ids(self.titles[value]),
+                                                 description=self._text_ids(self.descriptions[value]))[0]
+        return self.templates["query"].encode(query=self._text_ids(value))[0]
+
+    # Stage 5 (final): alignment tasks.
+    def task_batches(self, train_data, epoch):
+        """One epoch of samples, shuffled: sequential rows, ``neg_ratio`` negatives each, every item's text task,
+        the queries. A sample is (task, template index, input, target item, user)."""
+        rng = random.Random(int(self.config["seed"]) * 1000 + 700 + epoch)
+        samples = []
+        for r in self.seq_rows:
+            history, user = self.row_histories[r], self.row_users[r]
+            samples.append(("seq", rng.randrange(len(self.seq_templates)), history, int(self.row_targets[r]), user))
+            for _ in range(self.neg_ratio):
+                samples.append(("neg", 0, history, self.negative_item(user, rng), user))
+        if self.config["text_task"]:
+            samples += [("text", 0, i, i, 0) for i in range(1, self.n_items)]
+        if self.config["query_task"]:
+            samples += [("query", 0, review, item, user) for user, item, review in self.reviews]
+        rng.shuffle(samples)
+        size = int(self.config["train_batch_size"])
+        return [samples[i:i + size] for i in range(0, len(samples), size)]
+
+    def negative_item(self, user, rng):
+        """A uniformly drawn item the user never interacted with in the training split."""
+        while True:
+            item = rng.randrange(1, self.n_items)
+            if item not in self.user_items[user]:
+                return item
+
+    def calculate_loss(self, batch):
+        self.ranking.clear()  # RecBole's restore_* idiom: the weights are about to change
+        prompts = [self.encode_sample(s) for s in batch]
+        answers = [self.item_token_ids(s[3]) + [self.eos] for s in batch]
+        input_ids, attention, labels = answer_batch(prompts, answers, self.tokenizer.pad_token_id)
+        return causal_lm_loss(self.llm, input_ids.to(self.device), attention.to(self.device), labels.to(self.device))
+
+    # ----- inference -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def recommend(self, histories, k=None, constrained=True):
+        """Top-k items (B, k) and sequence log-probabilities (B, k) of the LC-Rec prompt over each history, by
+        beam search (``beam_size`` beams) constrained to the trie (or free: invalid sequences give item 0)."""
+        k = k or self.beam_size
+        encoded = [(self.templates["inference"].encode(history=self.history_ids(h))[0], [], {}) for h in histories]
+        input_ids, attention, _, _, _ = collate(encoded, self.tokenizer.pad_token_id, "left")
+        input_ids, attention = input_ids.to(self.device), attention.to(self.device)
+        with torch.autocast(self.device.type, dtype=self.llm_dtype, enabled=bool(self.config["llm_autocast"])):
+            if constrained:
+                items, scores = beam_search_items(self.llm, self.trie, input_ids, attention, self.beam_size, k)
+            else:
+                from recbole_llm.llm import beam_search
+
+                tokens, scores = beam_search(self.llm, input_ids, attention, self.beam_size, k, self.levels + 1,
+                                             eos_id=self.eos)
+                items = self.trie.items_of(tokens.flatten(0, 1)).view(scores.shape)
+        self.valid_items += int((items > 0).sum())
+        self.decoded_items += items.numel()
+        return items, scores
+
+    def _score_rows(self, batch, exclude):
+        """``Ranking``'s scorer: the beams' items in order (no dense fallback)."""
+        seqs, lens = batch[self.ITEM_SEQ].tolist(), batch[self.ITEM_SEQ_LEN].tolist()
+        items, _ = self.recommend([s[:n] for s, n in zip(seqs, lens)])
+        return items, None
+
+    # ----- new items (no retraining) ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def codes_for(self, embedding=None, text=None):
+        """Codes (N,) of a new item from the trained codebooks: its CF embedding (d,), or, for an item without
+        interactions, its text (E^LLM mapped to the CF space by the ridge map); unique among the known items."""
+        if embedding is None:
+            if text is None:
+                raise ConfigError("new item: give its CF embedding or its text")
+            llm_emb = self.item_llm_embeddings(texts=[text]).to(self.text_to_cf.device)
+            embedding = torch.cat([llm_emb, llm_emb.new_ones(1, 1)], 1) @ self.text_to_cf
+        x = embedding.reshape(1, -1).to(self.item_emb.device, torch.float32)
+        codes, _, _, distances = self.quantizer(x)
+        known = torch.cat([self.item_codes[1:].cpu()] + [c.view(1, -1) for c in self.new_item_codes.values()])
+        all_codes = torch.cat([known, codes.cpu()])
+        distances = torch.cat([distances.new_zeros(len(known), distances.shape[1]), distances]).cpu()
+        return resolve_collisions(all_codes, distances, first_free_from=len(known))[-1]
+
+    def add_item(self, codes):
+        """Add a new item with ``codes`` (from ``codes_for``) to the trie: it can be recommended at once.
+        Returns its internal id (``n_items`` and up)."""
+        item = self.n_items + len(self.new_item_codes)
+        self.new_item_codes[item] = torch.as_tensor(codes, dtype=torch.long).cpu()
+        self.trie.add(item, self.item_token_ids(item))
+        self.ranking.clear()
+        return item
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        self.ranking.clear()  # new weights: cached rankings are stale
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if self.trie is None and self.item_codes[1:].any():  # a reloaded checkpoint: rebuild the trie
+            self.trie = ItemTrie({i: self.item_token_ids(i) for i in range(1, self.n_items)}, self.eos)
+        return result
+
+    def predict(self, interaction):
+        return self.ranking.predict(interaction, self.ITEM_ID, self.device)
+
+    def full_sort_predict(self, interaction):
+        return self.ranking.full_sort_predict(interaction, self.device)

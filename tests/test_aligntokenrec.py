@@ -1,0 +1,182 @@
+"""AlignTokenRec on tiny-random: codebooks, unique codes, constrained decoding, negatives, new items, the serving
+cache, and the start-up check of the item text."""
+import glob
+import os
+import random
+
+import pytest
+import torch
+
+from recbole_llm.errors import ConfigError
+from recbole_llm.model.quantize import ResidualQuantizer, collision_rate, resolve_collisions
+from recbole_llm.quick_start import load_data_and_model, main as cli_main, run_recbole_llm
+from recbole_llm.serve import TopKCacheFile, TopKServer, main as serve_main
+from tests.conftest import write_sequential_dataset
+
+SMALL = {"llm_path": "tiny-random", "epochs": 1, "train_batch_size": 16, "eval_batch_size": 4096,
+         "cf_config": {"epochs": 3}, "show_progress": False, "seed": 2020, "item_text_fields": ["title", "genre"],
+         "user_inter_num_interval": "[0,inf)", "item_inter_num_interval": "[0,inf)",
+         "load_col": {"inter": ["user_id", "item_id", "timestamp"]}, "codebook_size": 8, "codebook_epochs": 5,
+         "beam_size": 10, "ranking_top_k": 10, "llm_eval_batch_size": 16}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One trained model: (checkpoint path, config dict)."""
+    tmp = tmp_path_factory.mktemp("atr")
+    root = write_sequential_dataset(str(tmp / "data"), name="atr")
+    config = dict(SMALL, data_path=root, checkpoint_dir=str(tmp / "saved"))
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    try:
+        run_recbole_llm("AlignTokenRec", "atr", config_dict=config)
+    finally:
+        os.chdir(cwd)
+    return glob.glob(str(tmp / "saved" / "AlignTokenRec-*.pth"))[0], config
+
+
+@pytest.fixture(scope="module")
+def model_and_data(trained):
+    _, model, _, train_data, _, _ = load_data_and_model(trained[0])
+    return model, train_data
+
+
+def _train_codebooks(model, items, steps=100):
+    losses = [[float(x) for x in model.tokenization_loss(items)]]
+    optimizer = torch.optim.Adam(model.set_trainable(["quantizer", "llm_align"]), lr=0.01)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        sum(model.tokenization_loss(items)).backward()
+        optimizer.step()
+    model.requires_grad_(False)
+    return losses + [[float(x) for x in model.tokenization_loss(items)]]
+
+
+def test_codebook_training_lowers_both_losses(model_and_data):
+    """From random codebooks, training lowers L^B and L^L. From the k-means start, L^B is already at a minimum:
+    training lowers L^L and the total L = L^B + L^L (eq. 4), trading a little L^B."""
+    model, _ = model_and_data
+    saved = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("quantizer.", "llm_align."))}
+    items = torch.arange(1, model.n_items)
+    try:
+        model.load_codebooks(model.init_codebooks(None, None, None))  # E^LLM and the k-means start
+        (b0, l0), (b1, l1) = _train_codebooks(model, items)
+        assert l1 < l0 and b1 + l1 < b0 + l0
+        with torch.no_grad():
+            torch.manual_seed(0)
+            model.quantizer.codebooks.normal_(std=float(model.item_emb[1:].std()))
+        (b0, l0), (b1, l1) = _train_codebooks(model, items)
+        assert b1 < b0 and l1 < l0, ((b0, l0), (b1, l1))
+    finally:
+        model.load_state_dict(saved, strict=False)
+
+
+def test_codes_are_unique_after_collision_handling(model_and_data):
+    model, _ = model_and_data
+    codes = model.item_codes[1:]
+    assert len(torch.unique(codes, dim=0)) == len(codes) == model.n_items - 1
+    assert 0.0 <= model.collision_rate <= 1.0
+
+    # forced collisions: every item on the same sequence; deterministic, the closest keeps it, only level N-1 moves
+    raw = torch.tensor([[1, 2, 3]] * 5)
+    distances = torch.rand(5, 8, generator=torch.Generator().manual_seed(0))
+    assert collision_rate(raw) == 1.0
+    unique = resolve_collisions(raw, distances)
+    assert torch.equal(unique, resolve_collisions(raw, distances))
+    assert len(torch.unique(unique, dim=0)) == 5 and (unique[:, :2] == raw[:, :2]).all()
+    keeper = int(distances[:, 3].argmin())
+    assert unique[keeper, 2] == 3
+
+
+def test_quantizer_kmeans_init_and_encoder_decoder_variant():
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+    for ed in (False, True):
+        q = ResidualQuantizer(8, levels=3, codes=4, distance="l2", encoder_decoder=ed)
+        q.init_kmeans(x)
+        codes, inputs, chosen, distances = q(x)
+        assert codes.shape == (64, 3) and inputs.shape == chosen.shape == (64, 3, 8) and distances.shape == (64, 4)
+        assert torch.allclose(inputs[:, 1], inputs[:, 0] - chosen[:, 0], atol=1e-6)  # level 1 sees the residual
+
+
+def test_the_trie_never_emits_an_invalid_item(model_and_data):
+    model, _ = model_and_data
+    rng = random.Random(0)
+    items = set(range(1, model.n_items))
+    histories = [[rng.randrange(1, model.n_items) for _ in range(rng.randrange(0, 25))] for _ in range(24)]
+    model.valid_items = model.decoded_items = 0
+    recommended, scores = model.recommend(histories)
+    assert recommended.shape == (24, model.beam_size)
+    assert set(recommended.flatten().tolist()) <= items
+    assert model.valid_items == model.decoded_items == recommended.numel()
+    assert (scores[:, :-1] >= scores[:, 1:]).all()
+    # each row's items are distinct real items whose code sequences the trie maps back to them
+    for row in recommended.tolist():
+        assert len(set(row)) == len(row)
+        assert all(model.trie.item(model.item_token_ids(i)) == i for i in row)
+
+
+def test_negative_prompts_use_only_items_the_user_never_interacted_with(model_and_data):
+    model, train_data = model_and_data
+    feat = train_data._dataset.inter_feat
+    seen = {}
+    for u, target, seq, n in zip(feat["user_id"].tolist(), feat["item_id"].tolist(), feat["item_id_list"].tolist(),
+                                 feat["item_length"].tolist()):
+        seen.setdefault(u, set()).update([target] + seq[:n])
+    samples = [s for batch in model.task_batches(train_data, epoch=0) for s in batch]
+    negatives = [s for s in samples if s[0] == "neg"]
+    assert len(negatives) == model.neg_ratio * sum(s[0] == "seq" for s in samples) > 0
+    assert all(target not in seen[user] and 0 < target < model.n_items for _, _, _, target, user in negatives)
+    assert sum(s[0] == "text" for s in samples) == model.n_items - 1
+    prompt = model.tokenizer.decode(model.encode_sample(negatives[0]))
+    assert "what will user hate next?" in prompt and "<a_" in prompt
+
+
+def test_a_new_item_gets_codes_and_is_recommended(trained, tmp_path):
+    server = TopKServer(trained[0], str(tmp_path / "topk.json"))
+    model = server.model
+    known = {tuple(c) for c in model.item_codes[1:].tolist()}
+    codes = server.add_item("new-like-3", embedding=server.item_embedding("3"))
+    assert tuple(codes.tolist()) not in known  # unique even though it looks exactly like item 3
+    text_codes = server.add_item("new-text", text="Movie number 99, Comedy")
+    assert tuple(text_codes.tolist()) not in known | {tuple(codes.tolist())}
+    assert len(model.trie) == model.n_items + 1
+    model.beam_size = len(model.trie) + 2  # every reachable item comes out of the beams
+    server.precompute(["1"], k=model.beam_size)
+    assert {"new-like-3", "new-text"} <= {item for item, _ in server.cache.lookup("1")}
+
+
+def test_the_cache_round_trips_and_refreshes_chosen_users(trained, tmp_path, capsys):
+    path = str(tmp_path / "topk.json")
+    assert serve_main(["precompute", "--checkpoint", trained[0], "--cache", path, "--k", "5",
+                       "--users", "1", "2", "3"]) == 0
+    cache = TopKCacheFile(path)
+    assert set(cache.data["users"]) == {"1", "2", "3"} and all(len(cache.lookup(u)) == 5 for u in "123")
+    capsys.readouterr()
+    assert serve_main(["lookup", "--cache", path, "--user", "2"]) == 0
+    printed = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()]
+    assert [(item, round(score, 4)) for item, score in cache.lookup("2")] == [(i, float(s)) for i, s in printed]
+
+    # refresh one user after adding an item: the others are untouched, the new item is kept in the file
+    assert serve_main(["add-item", "--checkpoint", trained[0], "--cache", path, "--item", "fresh",
+                       "--like", "5", "--users", "1"]) == 0
+    again = TopKCacheFile(path)
+    assert again.lookup("2") == cache.lookup("2") and "fresh" in again.data["new_items"]
+    server = TopKServer(trained[0], path)
+    assert "fresh" in server.item_ids and len(server.model.trie) == server.model.n_items
+    assert serve_main(["lookup", "--cache", path, "--user", "nobody"]) == 2
+
+
+def test_a_dataset_without_the_text_field_fails_at_start_naming_it(tmp_path, capsys):
+    root = write_sequential_dataset(str(tmp_path / "data"), name="notext")
+    config = dict(SMALL, data_path=root, checkpoint_dir=str(tmp_path / "saved"),
+                  item_text_fields=["title", "description"])
+    with pytest.raises(ConfigError, match="description"):
+        run_recbole_llm("AlignTokenRec", "notext", config_dict=config)
+    assert not os.path.exists(tmp_path / "saved" / "stages")  # nothing ran
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data_path: {root}\nllm_path: tiny-random\nitem_text_fields: [title, description]\n"
+                   "load_col:\n  inter: [user_id, item_id, timestamp]\n")
+    assert cli_main(["--model=AlignTokenRec", "--dataset=notext", f"--config_files={cfg}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "description" in err[0] and err[0].startswith("recbole-llm: error:")
