@@ -162,7 +162,9 @@ def main():
     if sampled:
         base["data_path"] = data_path
     same_eval = {k: base[k] for k in ("seed", "load_col", "show_progress") if k in base}
-    same_eval.update(metrics=["Hit", "NDCG"], topk=[1, 5, 10], valid_metric="NDCG@10",
+    # leave-one-out for every model (a general model such as DCCF would otherwise get RecBole's random split)
+    same_eval.update(eval_args={"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"},
+                     metrics=["Hit", "NDCG"], topk=[1, 5, 10], valid_metric="NDCG@10",
                      checkpoint_dir=os.path.join(args.checkpoint_dir, "baselines"), MAX_ITEM_LIST_LENGTH=20,
                      **({"data_path": data_path} if sampled else {}))
     results, lines = {}, []

@@ -88,6 +88,24 @@ def test_codes_are_unique_after_collision_handling(model_and_data):
     assert unique[keeper, 2] == 3
 
 
+def test_mlp_initialisation_writes_the_code_token_rows(model_and_data):
+    model, _ = model_and_data
+    from recbole_llm.llm.inputs import input_embedding
+
+    ids, old = model.code_ids.flatten(), torch.arange(10)
+    before = input_embedding(model.llm)(ids).detach().clone()
+    before_old = input_embedding(model.llm)(old).detach().clone()
+    saved = {k: v.clone() for k, v in model.state_dict().items() if "trainable_tokens" in k}
+    try:
+        model._init_code_rows(3)
+        after = input_embedding(model.llm)(ids).detach()
+        assert not torch.allclose(before, after)
+        assert torch.equal(input_embedding(model.llm)(old), before_old)  # ordinary tokens keep their rows
+    finally:
+        model.load_state_dict(saved, strict=False)
+    assert torch.allclose(input_embedding(model.llm)(ids), before)
+
+
 def test_quantizer_kmeans_init_and_encoder_decoder_variant():
     x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
     for ed in (False, True):

@@ -378,19 +378,19 @@ class AlignTokenRec(LLMRecommender, SequentialRecommender):
     @torch.no_grad()
     def recommend(self, histories, k=None, constrained=True):
         """Top-k items (B, k) and sequence log-probabilities (B, k) of the LC-Rec prompt over each history, by
-        beam search (``beam_size`` beams) constrained to the trie (or free: invalid sequences give item 0)."""
+        beam search (max(``beam_size``, k) beams) constrained to the trie (or free: invalid sequences give item 0)."""
         k = k or self.beam_size
+        beams = max(self.beam_size, k)
         encoded = [(self.templates["inference"].encode(history=self.history_ids(h))[0], [], {}) for h in histories]
         input_ids, attention, _, _, _ = collate(encoded, self.tokenizer.pad_token_id, "left")
         input_ids, attention = input_ids.to(self.device), attention.to(self.device)
         with torch.autocast(self.device.type, dtype=self.llm_dtype, enabled=bool(self.config["llm_autocast"])):
             if constrained:
-                items, scores = beam_search_items(self.llm, self.trie, input_ids, attention, self.beam_size, k)
+                items, scores = beam_search_items(self.llm, self.trie, input_ids, attention, beams, k)
             else:
                 from recbole_llm.llm import beam_search
 
-                tokens, scores = beam_search(self.llm, input_ids, attention, self.beam_size, k, self.levels + 1,
-                                             eos_id=self.eos)
+                tokens, scores = beam_search(self.llm, input_ids, attention, beams, k, self.levels + 1, eos_id=self.eos)
                 items = self.trie.items_of(tokens.flatten(0, 1)).view(scores.shape)
         self.valid_items += int((items > 0).sum())
         self.decoded_items += items.numel()
