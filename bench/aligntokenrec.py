@@ -182,7 +182,7 @@ def main():
         results[baseline] = run_subprocess(baseline, name, dict(same_eval, **extra_cfg))
         lines.append(row(f"{baseline} (RecBole)", results[baseline]))
         print(lines[-1], flush=True)
-    for variant in args.variants.split(","):
+    for variant in [v for v in args.variants.split(",") if v]:
         results[variant] = run_subprocess("AlignTokenRec", name, dict(base, **ABLATIONS[variant]))
         lines.append(row(f"AlignTokenRec {variant}", results[variant]))
         print(lines[-1], flush=True)
