@@ -62,7 +62,7 @@ from recbole_llm.llm import ItemTrie, beam_search_items, load_llm
 from recbole_llm.llm.inputs import input_embedding
 from recbole_llm.llm.scoring import answer_batch, causal_lm_loss, encode_texts
 from recbole_llm.model.abstract import LLMRecommender, Stage, TrainStage
-from recbole_llm.model.backbone import backbone_config, pretrain_backbone
+from recbole_llm.model.backbone import CFBackbone
 from recbole_llm.model.quantize import (ResidualQuantizer, collision_rate, paired_distance, pairwise_distance,
                                         resolve_collisions)
 from recbole_llm.model.ranking import Ranking
@@ -119,7 +119,8 @@ class AlignTokenRec(LLMRecommender, SequentialRecommender):
         self.eos = self.tokenizer.eos_token_id
 
         # define layers: CF embeddings, codebooks, the LLM-alignment target, codes per item
-        self.cf_dim = cf_dim = int(backbone_config(config, config["cf_backbone"])[0]["embedding_size"])
+        self.cf = CFBackbone(config, dataset, config["cf_backbone"])  # the frozen backbone once stage 1 ran
+        self.cf_dim = cf_dim = self.cf.embedding_size
         hidden = input_embedding(self.llm).weight.shape[1]
         self.register_buffer("item_emb", torch.zeros(self.n_items, cf_dim))
         self.register_buffer("llm_emb", torch.zeros(self.n_items, hidden), persistent=False)  # E^LLM, stage 3 only
@@ -206,7 +207,7 @@ class AlignTokenRec(LLMRecommender, SequentialRecommender):
         tokenization_keys = ["codebook_levels", "codebook_size", "codebook_distance", "tokenization",
                              "kmeans_iters", "item_text_fields", "item_text_separator"]
         return [
-            Stage("cf_pretrain", self.pretrain_cf, self.load_cf, ["cf_backbone", "cf_config"]),
+            self.cf.stage(on_load=self.load_cf),
             Stage("codebook_init", self.init_codebooks, self.load_codebooks, tokenization_keys, uses_llm=True),
             TrainStage("alignment_tokenization", modules=["quantizer", "llm_align"], batches=self.item_batches,
                        loss=self.tokenization_loss, epochs="codebook_epochs", learning_rate="codebook_learning_rate",
@@ -218,15 +219,9 @@ class AlignTokenRec(LLMRecommender, SequentialRecommender):
         """Stage 5: LoRA SFT on the alignment tasks (LoRA and the code-token rows train), RecBole's loop."""
         return TrainStage("alignment_tasks", modules=["llm"], batches=self.task_batches, loss=self.calculate_loss)
 
-    # Stage 1: the CF backbone's item embeddings, Emb(r_i).
-    def pretrain_cf(self, trainer, train_data, valid_data):
-        return pretrain_backbone(self.config, train_data, valid_data, self.config["cf_backbone"])
-
-    def load_cf(self, artifact):
-        if artifact["item_emb"].shape[1] != self.cf_dim:
-            raise ConfigError(f"embedding_size: the backbone's embeddings are {artifact['item_emb'].shape[1]} wide, "
-                              f"not {self.cf_dim}; set embedding_size to the backbone's")
-        self.item_emb.copy_(artifact["item_emb"])
+    # Stage 1: the CF backbone's item embeddings, Emb(r_i) (``model/backbone.py``).
+    def load_cf(self):
+        self.item_emb.copy_(self.cf.embeddings()[1])
 
     # Stage 2: E^LLM (centred), the text -> CF map, k-means initialisation of each level.
     def item_llm_embeddings(self, items=None, texts=None):
