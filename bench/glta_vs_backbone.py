@@ -37,7 +37,6 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from recbole_llm import compat  # noqa: E402
 from recbole_llm.config import Config  # noqa: E402
 from recbole_llm.model.general_recommender.glta import ABLATIONS, BACKBONES  # noqa: E402
 from recbole_llm.quick_start import load_data_and_model, run_recbole_llm  # noqa: E402
@@ -89,8 +88,8 @@ def newest_checkpoint(folder):
 
 def evaluate_default(checkpoint, inference="glta", step0=False):
     """The default row's trained model evaluated with another inference, or at its step 0 (gate 0)."""
-    compat.apply()  # load_data_and_model builds no Config: RecBole's metrics need the numpy fixes
     config, model, _, _, valid_data, test_data = load_data_and_model(checkpoint)
+    config.compatibility_settings()  # RecBole's np.float alias, set when a Config is built (not when one is loaded)
     model.inference = inference
     if step0:
         model.head.gate.data.zero_()
