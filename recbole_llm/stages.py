@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional
 
 import numpy as np
-import torch
 from recbole.utils import init_seed, set_color
 
 from recbole_llm.compat import atomic_save, torch_load

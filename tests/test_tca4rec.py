@@ -73,15 +73,16 @@ def test_vectorised_and_loop_builds_agree():
 
 @pytest.mark.parametrize("kind", ["mixture", "soft_ce"])
 def test_alpha_zero_is_next_token_prediction(kind):
+    torch.manual_seed(0)
     trie = random_trie()
     targets = targets_of(trie, [3, 17, 42, 80, 5])
     logits = torch.randn(*targets.shape, 120) * 4
     scores = torch.randn(5, 81)
     ntp = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
     assert SoftLabelLoss(trie, 0.0, kind)(logits, targets, scores).item() == pytest.approx(ntp.item(), abs=1e-6)
-    # the full soft-label path tends to it as well (alpha -> 0), and differs from it at alpha > 0
+    # the full soft-label path tends to it as well (alpha -> 0, to fp32 rounding), and differs from it at alpha > 0
     tiny = SoftLabelLoss(trie, 1e-9, kind)(logits, targets, scores)
-    assert tiny.item() == pytest.approx(ntp.item(), rel=1e-6)
+    assert tiny.item() == pytest.approx(ntp.item(), rel=1e-5)
     assert abs(SoftLabelLoss(trie, 0.3, kind)(logits, targets, scores).item() - ntp.item()) > 1e-3
 
 

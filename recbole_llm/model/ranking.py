@@ -263,3 +263,23 @@ class Ranking:
     def predict(self, interaction, item_field, device):
         """RecBole's ``predict``: (B,) scores of the (row, item) pairs, the same rule as full ranking."""
         return pair_scores(self.top(interaction, device), interaction[item_field].to(device))
+
+
+class TopKRanked:
+    """Mix-in for RecBole models that rank from top-K lists through ``self.ranking`` (a ``Ranking``, built in
+    ``__init__``): RecBole's ``predict`` / ``full_sort_predict`` come from it, each evaluation tells it what
+    RecBole will mask (``set_eval_data``), and loading weights clears its cache. List it before
+    ``LLMRecommender``."""
+
+    def set_eval_data(self, eval_data):
+        self.ranking.set_eval_data(eval_data)
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        self.ranking.clear()  # new weights: cached rankings are stale
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def predict(self, interaction):
+        return self.ranking.predict(interaction, self.ITEM_ID, self.device)
+
+    def full_sort_predict(self, interaction):
+        return self.ranking.full_sort_predict(interaction, self.device)

@@ -70,7 +70,7 @@ from recbole_llm.llm.precision import autocast_context
 from recbole_llm.model.abstract import LLMRecommender, Stage, TrainStage
 from recbole_llm.model.backbone import CFBackbone
 from recbole_llm.model.layers import Projector
-from recbole_llm.model.ranking import Ranking
+from recbole_llm.model.ranking import Ranking, TopKRanked
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class GLLMHead(nn.Module):
             return query @ item_emb.T
 
 
-class GLTA(LLMRecommender, GeneralRecommender):
+class GLTA(TopKRanked, LLMRecommender, GeneralRecommender):
     input_type = InputType.POINTWISE
     other_parameter_name = ["profile_texts", "prediction_texts"]
 
@@ -469,17 +469,3 @@ class GLTA(LLMRecommender, GeneralRecommender):
                 out = base(inputs_embeds=step, attention_mask=attention, past_key_values=out.past_key_values,
                            use_cache=True)
         return torch.stack(logps, 1), torch.stack(placed, 1)
-
-    def set_eval_data(self, eval_data):
-        """Called by the trainer before it evaluates: placement skips what this evaluation masks (bug B1)."""
-        self.ranking.set_eval_data(eval_data)
-
-    def load_state_dict(self, state_dict, strict=True, assign=False):
-        self.ranking.clear()  # new weights: cached rankings are stale
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
-    def predict(self, interaction):
-        return self.ranking.predict(interaction, self.ITEM_ID, self.device)
-
-    def full_sort_predict(self, interaction):
-        return self.ranking.full_sort_predict(interaction, self.device)

@@ -55,17 +55,18 @@ import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from torch import nn
 
-from recbole_llm.data.item_text import item_text_file, load_item_texts
+from recbole_llm.data.item_text import load_item_texts
 from recbole_llm.data.prompts import PromptTemplate, collate
 from recbole_llm.errors import ConfigError
 from recbole_llm.llm import ItemTrie, beam_search_items, load_llm
 from recbole_llm.llm.inputs import input_embedding
+from recbole_llm.llm.precision import autocast_context
 from recbole_llm.llm.scoring import answer_batch, causal_lm_loss, encode_texts
 from recbole_llm.model.abstract import LLMRecommender, Stage, TrainStage
 from recbole_llm.model.backbone import CFBackbone
-from recbole_llm.model.quantize import (ResidualQuantizer, collision_rate, paired_distance, pairwise_distance,
+from recbole_llm.model.quantize import (ResidualQuantizer, collision_rate, paired_distance,
                                         resolve_collisions)
-from recbole_llm.model.ranking import Ranking
+from recbole_llm.model.ranking import Ranking, TopKRanked
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def code_tokens(levels, codes):
     return [f"<{chr(ord('a') + n)}_{c}>" for n in range(levels) for c in range(codes)]
 
 
-class AlignTokenRec(LLMRecommender, SequentialRecommender):
+class AlignTokenRec(TopKRanked, LLMRecommender, SequentialRecommender):
     other_parameter_name = ["collision_rate"]  # saved with the checkpoint (RecBole's other_parameter)
 
     def __init__(self, config, dataset):
@@ -379,7 +380,7 @@ class AlignTokenRec(LLMRecommender, SequentialRecommender):
         encoded = [(self.templates["inference"].encode(history=self.history_ids(h))[0], [], {}) for h in histories]
         input_ids, attention, _, _, _ = collate(encoded, self.tokenizer.pad_token_id, "left")
         input_ids, attention = input_ids.to(self.device), attention.to(self.device)
-        with torch.autocast(self.device.type, dtype=self.llm_dtype, enabled=bool(self.config["llm_autocast"])):
+        with autocast_context(self.device, self.llm_dtype, self.config["llm_autocast"]):
             if constrained:
                 items, scores = beam_search_items(self.llm, self.trie, input_ids, attention, beams, k)
             else:
@@ -424,14 +425,7 @@ class AlignTokenRec(LLMRecommender, SequentialRecommender):
         return item
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
-        self.ranking.clear()  # new weights: cached rankings are stale
-        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)  # clears the ranking cache
         if self.trie is None and self.item_codes[1:].any():  # a reloaded checkpoint: rebuild the trie
             self.trie = ItemTrie({i: self.item_token_ids(i) for i in range(1, self.n_items)}, self.eos)
         return result
-
-    def predict(self, interaction):
-        return self.ranking.predict(interaction, self.ITEM_ID, self.device)
-
-    def full_sort_predict(self, interaction):
-        return self.ranking.full_sort_predict(interaction, self.device)

@@ -37,9 +37,10 @@ from recbole_llm.errors import ConfigError
 from recbole_llm.llm import ItemTrie, beam_search_items, last_hidden_states, load_llm
 from recbole_llm.llm.alignment import IGNORE, SoftLabelLoss
 from recbole_llm.llm.generation import chat_prompt
+from recbole_llm.llm.precision import autocast_context
 from recbole_llm.model.abstract import LLMRecommender, TrainStage
 from recbole_llm.model.backbone import CFBackbone
-from recbole_llm.model.ranking import Ranking
+from recbole_llm.model.ranking import Ranking, TopKRanked
 
 BACKBONES = {"SASRec": "SASRec", "MF": "BPR", "BPR": "BPR", "LightGCN": "LightGCN", "DCCF": "DCCF"}
 IDENTIFIERS = ("title", "semantic_id")
@@ -59,7 +60,7 @@ def unique_titles(titles, ids):
     return out
 
 
-class TCA4Rec(LLMRecommender, SequentialRecommender):
+class TCA4Rec(TopKRanked, LLMRecommender, SequentialRecommender):
     input_type = InputType.POINTWISE
 
     def __init__(self, config, dataset):
@@ -166,19 +167,7 @@ class TCA4Rec(LLMRecommender, SequentialRecommender):
         """``Ranking``'s scorer: each row's top ``num_beams`` items by trie-constrained beam search."""
         input_ids, attention, _, _, _ = collate([(p, [], {}) for p in self.prompts(batch)],
                                                 self.tokenizer.pad_token_id, "left")
-        dtype = self.llm_dtype
-        low = bool(self.config["llm_autocast"]) and dtype in (torch.bfloat16, torch.float16)
-        with torch.autocast(self.device.type, dtype=dtype, enabled=low):
+        with autocast_context(self.device, self.llm_dtype, self.config["llm_autocast"]):
             items, _ = beam_search_items(self.llm, self.trie, input_ids.to(self.device), attention.to(self.device),
                                          num_beams=self.num_beams)
         return items, None
-
-    def load_state_dict(self, state_dict, strict=True, assign=False):
-        self.ranking.clear()  # new weights: cached rankings are stale
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
-    def predict(self, interaction):
-        return self.ranking.predict(interaction, self.ITEM_ID, self.device)
-
-    def full_sort_predict(self, interaction):
-        return self.ranking.full_sort_predict(interaction, self.device)
