@@ -9,13 +9,13 @@ import torch
 
 from recbole_llm.config import Config
 from recbole_llm.errors import ConfigError
-from recbole_llm.llm.inputs import base_model
+from recbole_llm.llm import decoder
 from recbole_llm.model.context_aware_recommender.sellarec import ABLATIONS
 from recbole_llm.quick_start import run_recbole_llm
 from recbole_llm.data.prompts import collate
 from recbole_llm.trainer import LLMTrainer
 from recbole_llm.utils import create_dataset, data_preparation, get_model
-from tests.conftest import labeled_config, write_labeled_dataset
+from tests.conftest import _write_item_text, labeled_config, write_labeled_dataset
 
 DAY = 24 * 3600
 
@@ -23,6 +23,7 @@ DAY = 24 * 3600
 @pytest.fixture(scope="module")
 def labeled_data(tmp_path_factory):
     root, _ = write_labeled_dataset(str(tmp_path_factory.mktemp("sellarec")), name="lab")
+    _write_item_text(os.path.join(root, "lab"), "lab", n_items=30, n_clusters=2)
     return root
 
 
@@ -72,7 +73,7 @@ def test_placeholder_positions_receive_the_projected_vectors(labeled_data, tmp_p
     def capture(module, args, kwargs):
         seen["embeds"] = kwargs["inputs_embeds"].detach()
 
-    handle = base_model(model.llm).model.register_forward_pre_hook(capture, with_kwargs=True)
+    handle = decoder(model.llm).register_forward_pre_hook(capture, with_kwargs=True)
     rows = train._dataset.inter_feat[torch.arange(4)]
     model.choice_logits(rows)
     handle.remove()
@@ -142,6 +143,7 @@ def test_each_variant_trains_what_table1_says(variant, labeled_data, tmp_path):
 
 def test_month_windows_split_the_last_months(tmp_path):
     root, _ = write_labeled_dataset(str(tmp_path / "data"), name="months")
+    _write_item_text(os.path.join(root, "months"), "months", n_items=30, n_clusters=2)
     inter = os.path.join(root, "months", "months.inter")
     lines = open(inter).read().splitlines()
     with open(inter, "w") as f:  # one interaction every two days: about 25 months

@@ -49,8 +49,9 @@ from torch import nn
 from recbole_llm.data.item_text import load_item_texts
 from recbole_llm.data.prompts import PromptTemplate, collate
 from recbole_llm.errors import ConfigError
-from recbole_llm.llm import embedding_std, load_llm
-from recbole_llm.llm.scoring import IGNORE, answer_labels, answer_token_ids, causal_lm_loss, choice_logits, encode_texts
+from recbole_llm.llm import (answer_labels, answer_token_ids, causal_lm_loss, choice_logits, embedding_std,
+                             encode_texts, load_llm)
+from recbole_llm.llm.scoring import IGNORE
 from recbole_llm.model.abstract import LLMRecommender, Stage, TrainStage
 from recbole_llm.model.layers import Projector
 
