@@ -30,6 +30,7 @@ from recbole_llm.data.labeled import MONTH  # noqa: E402
 from recbole_llm.model.context_aware_recommender.sellarec import ABLATIONS  # noqa: E402
 
 SPLIT_MONTHS = [3.5, 1.75, 1.75]
+DATASET = "ml-100k-bench"
 DEFAULT_VARIANTS = ["SeLLaRec", "MF", "TALLRec", "SeLLa-w/o", "SeLLa-Proj", "SeLLa-Warm", "SeLLa-UI"]
 
 
@@ -40,10 +41,11 @@ def ml100k_folder():
 
 
 def write_sample(out_root, valid_users, test_users, seed):
-    """ml-100k with every row of the training window and the valid / test rows of sampled users only."""
+    """ml-100k with every row of the training window and the valid / test rows of sampled users only, as
+    dataset ``ml-100k-bench`` (RecBole always reads a dataset named ``ml-100k`` from its own example folder)."""
     import pandas as pd
 
-    source, folder = ml100k_folder(), os.path.join(out_root, "ml-100k")
+    source, folder = ml100k_folder(), os.path.join(out_root, DATASET)
     os.makedirs(folder, exist_ok=True)
     inter = pd.read_csv(os.path.join(source, "ml-100k.inter"), sep="\t")
     t = inter["timestamp:float"].to_numpy(np.float64)
@@ -55,11 +57,10 @@ def write_sample(out_root, valid_users, test_users, seed):
         window = (t >= start) & (t < end)
         users = rng.choice(np.unique(inter["user_id:token"][window]), n, replace=False)
         keep |= window & inter["user_id:token"].isin(users).to_numpy()
-    inter[keep].to_csv(os.path.join(folder, "ml-100k.inter"), sep="\t", index=False)
-    for suffix in ("item", "user"):
-        with open(os.path.join(source, f"ml-100k.{suffix}"), encoding="utf-8") as src, \
-                open(os.path.join(folder, f"ml-100k.{suffix}"), "w", encoding="utf-8") as dst:
-            dst.write(src.read())
+    inter[keep].to_csv(os.path.join(folder, f"{DATASET}.inter"), sep="\t", index=False)
+    with open(os.path.join(source, "ml-100k.item"), encoding="utf-8") as src, \
+            open(os.path.join(folder, f"{DATASET}.item"), "w", encoding="utf-8") as dst:
+        dst.write(src.read())
     return out_root
 
 
@@ -73,7 +74,7 @@ def run_variant(name, config_dict):
     from recbole_llm.utils import create_dataset, data_preparation, get_model, get_trainer
 
     start = time.time()
-    config = Config("SeLLaRec", "ml-100k", config_dict=dict(config_dict, **ABLATIONS[name]))
+    config = Config("SeLLaRec", DATASET, config_dict=dict(config_dict, **ABLATIONS[name]))
     init_logger(config)  # RecBole's log file (log/SeLLaRec/) shows each stage and epoch
     train, valid, test = data_preparation(config, create_dataset(config))
     model = get_model("SeLLaRec")(config, train._dataset).to(config["device"])
@@ -117,7 +118,8 @@ def main():
               "checkpoint_dir": os.path.abspath(os.path.join(args.work_dir, "saved")), "show_progress": False,
               "split_months": SPLIT_MONTHS, "llm_train_rows": args.llm_train_rows, "history_len": args.history_len,
               "item_title_fields": ["movie_title"], "epochs": args.epochs, "seed": args.seed,
-              "llm_eval_batch_size": 32}
+              "llm_eval_batch_size": 32, "threshold": {"rating": 4},  # rating > 3, as RecBole's ml-100k preset
+              "load_col": {"inter": ["user_id", "item_id", "rating", "timestamp"]}}
     if args.one:
         sys.argv = [sys.argv[0]] + extra  # --key=value pairs reach the Config, as with run_recbole_llm.py
         print("RESULT " + json.dumps(run_variant(args.one, config)))
