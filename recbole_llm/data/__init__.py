@@ -1,0 +1,3 @@
+from recbole_llm.data.labeled import SeLLaRecDataset
+
+__all__ = ["SeLLaRecDataset"]
