@@ -54,7 +54,7 @@ def torch_load(f, map_location=None, **kwargs):
 
 
 def atomic_save(obj, f, **kwargs):
-    """``torch.save`` to a path that is replaced only by a complete file (see fix 7)."""
+    """``torch.save`` to a path that is replaced only by a complete file (see fix 9)."""
     if not isinstance(f, (str, os.PathLike)):
         return torch.save(obj, f, **kwargs)
     path = os.fspath(f)
@@ -70,9 +70,20 @@ def atomic_save(obj, f, **kwargs):
     except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if _interrupted(e):  # Ctrl-C mid-save: torch's zip writer can replace it with its own RuntimeError
+            raise KeyboardInterrupt from None
         if isinstance(e, OSError):
             raise WriteError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
         raise
+
+
+def _interrupted(error):
+    """Whether ``error`` is, or was raised while handling, a KeyboardInterrupt."""
+    while error is not None:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        error = error.__context__
+    return False
 
 
 class _TorchProxy(types.ModuleType):

@@ -280,6 +280,24 @@ def test_interrupted_checkpoint_save_leaves_no_truncated_file(tmp_path, monkeypa
     assert os.listdir(tmp_path) == []
 
 
+def test_ctrl_c_replaced_by_torch_writer_error_is_still_an_interrupt(tmp_path, monkeypatch):
+    """Ctrl-C mid ``torch.save``: torch's zip writer raises its own RuntimeError while closing; the save still
+    reports the interrupt (exit 130 at the CLI), not a RuntimeError traceback."""
+    compat.apply()
+    import recbole.trainer.trainer as recbole_trainer
+
+    def interrupted_then_writer_error(obj, f, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", interrupted_then_writer_error)
+    with pytest.raises(KeyboardInterrupt):
+        recbole_trainer.torch.save({"epoch": 1}, str(tmp_path / "BPR.pth"))
+    assert os.listdir(tmp_path) == []
+
+
 def test_disk_full_during_training_is_one_line(bad, monkeypatch):
     """A run whose checkpoint cannot be written: exit 1, one line, no traceback."""
     import recbole_llm.compat as compat_module
