@@ -246,12 +246,21 @@ def test_final_stage_starts_exactly_at_the_backbone_ranking(tiny_data, tmp_path)
     trainer = get_trainer(cfg["MODEL_TYPE"], "GLTA")(cfg, model)
     trainer.run_stages(train, valid)
     model.eval()
-    assert model.head.gate.item() == 0
+    assert model.head.gate.item() == 0 and model.head.closed_gate()
     users = torch.arange(1, model.n_users)
-    scores = model.full_sort_predict({model.USER_ID: users}).reshape(len(users), -1)
     backbone = (model.user_emb[users] @ model.item_emb.T).masked_fill(model._seen(users.tolist(), "cpu"), -1e9)
     backbone[:, 0] = -1e9
-    assert torch.equal(scores.topk(10).indices, backbone.topk(10).indices)
+    skipped = model.full_sort_predict({model.USER_ID: users}).reshape(len(users), -1)  # closed gate: no LLM pass
+    model.ranking.clear()
+    model.head.closed_gate = lambda: False  # the same scores through the LLM and the head
+    through_llm = model.full_sort_predict({model.USER_ID: users}).reshape(len(users), -1)
+    for scores in (skipped, through_llm):
+        assert torch.equal(scores.topk(10).indices, backbone.topk(10).indices)
+    assert torch.allclose(skipped, through_llm, atol=1e-4)
+    with torch.no_grad():
+        model.head.gate.fill_(0.5)
+    del model.head.closed_gate
+    assert not model.head.closed_gate()
 
 
 def test_other_training_items_are_left_out_of_each_slots_softmax(tiny_data, tmp_path):
@@ -275,3 +284,28 @@ def test_cross_fitting_holds_targets_out_of_the_backbone(tiny_data, tmp_path):
     for batch in model.train_batches(train, 0):
         for u, shown, targets in batch:
             assert targets and set(targets) <= model.held_out[u] and not set(shown) & set(targets)
+
+
+def test_the_test_pass_reuses_the_slot_states_of_a_validation_of_the_same_weights(tiny_data, tmp_path):
+    """The LLM's slot states depend only on what feeds it: the test pass after a validation of the same weights
+    runs no LLM pass and scores as a fresh computation does; changed weights are computed again."""
+    cfg, model, train, valid, test = _model(tiny_data, tmp_path)
+    trainer = get_trainer(cfg["MODEL_TYPE"], "GLTA")(cfg, model)
+    trainer.run_stages(train, valid)
+    with torch.no_grad():
+        model.head.gate.fill_(0.5)  # an open gate: scores come through the LLM
+    computed, slot_states = [], model._slot_states
+    model._slot_states = lambda encoded: computed.append(len(encoded)) or slot_states(encoded)
+    trainer.evaluate(valid, load_best_model=False, show_progress=False)
+    assert sum(computed) == model.n_users - 1
+    reused = trainer.evaluate(test, load_best_model=False, show_progress=False)
+    assert sum(computed) == model.n_users - 1  # no second LLM pass
+    model._states_key = None  # forget them (and the ranking cache): the same scores computed afresh
+    model.ranking.clear()
+    fresh = trainer.evaluate(test, load_best_model=False, show_progress=False)
+    assert sum(computed) == 2 * (model.n_users - 1) and fresh == reused
+    with torch.no_grad():
+        next(model.user_proj.parameters()).add_(0.1)
+    model.ranking.clear()
+    trainer.evaluate(test, load_best_model=False, show_progress=False)
+    assert sum(computed) == 3 * (model.n_users - 1)

@@ -8,7 +8,7 @@ import torch
 
 from recbole_llm.data.prompts import PromptTemplate, collate
 from recbole_llm.errors import ConfigError
-from recbole_llm.llm import embed_inputs, generate_texts, last_hidden_states, load_llm
+from recbole_llm.llm import embed_inputs, generate_text_variants, generate_texts, last_hidden_states, load_llm
 from recbole_llm.llm.precision import choose_dtype
 
 
@@ -94,6 +94,28 @@ def test_batched_generation_keeps_prompt_order(tiny):
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
     alone = generate_texts(llm, tokenizer, prompts[1:2], max_new_tokens=3, batch_size=1, show_progress=False)
     assert texts[1] == alone[0]
+
+
+@pytest.mark.parametrize("use_chat", [True, False])
+def test_prompt_variants_share_their_beginning_and_decode_as_each_prompt_alone(use_chat):
+    """The shared beginning is encoded once per row and its cache cropped back for the next variant: the texts
+    equal those of each prompt generated alone (no padding, no sharing), rows of any length mixed in a batch."""
+    llm, tokenizer = load_llm(llm_config(llm_dtype="fp32"))
+    with torch.no_grad():  # sharper than the near-uniform random init: every token of the context matters
+        for name, param in llm.named_parameters():
+            if name.endswith("proj.weight"):
+                param.mul_(8)
+    rows = [[f"A user liked {h}. Describe this user.", f"A user liked {h}. Guess the next item, please."]
+            for h in ("a", "b c d e f g h i", "j k")]
+    rows.append(["x y", "nothing in common"])
+    variants = generate_text_variants(llm, tokenizer, rows, max_new_tokens=4, batch_size=3, use_chat=use_chat,
+                                      show_progress=False)
+    assert len(variants) == 2 and all(len(texts) == len(rows) for texts in variants)
+    for v, texts in enumerate(variants):
+        for row, text in zip(rows, texts):
+            alone = generate_texts(llm, tokenizer, [row[v]], max_new_tokens=4, batch_size=1, use_chat=use_chat,
+                                   show_progress=False)[0]
+            assert text == alone, (row[v], text, alone)
 
 
 def test_the_embedded_smollm2_loads_and_generates():

@@ -17,6 +17,7 @@ GIB = 1024 ** 3
 def fake_cpu(monkeypatch, amx, avx512_bf16):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
 
 
 @pytest.mark.parametrize("amx, avx512_bf16, dtype, reason", [
@@ -28,6 +29,16 @@ def fake_cpu(monkeypatch, amx, avx512_bf16):
 def test_auto_dtype_on_cpu_is_bf16_only_where_native(monkeypatch, amx, avx512_bf16, dtype, reason):
     fake_cpu(monkeypatch, amx, avx512_bf16)
     assert choose_dtype("auto", CPU) == (dtype, reason)
+
+
+@pytest.mark.parametrize("cap, dtype", [("AVX2", torch.float32), ("avx512_core", torch.float32),
+                                        ("AVX512_CORE_BF16", torch.bfloat16), ("ALL", torch.bfloat16)])
+def test_a_onednn_isa_cap_below_bf16_means_fp32(monkeypatch, cap, dtype):
+    fake_cpu(monkeypatch, True, True)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    chosen, reason = choose_dtype("auto", CPU)
+    assert chosen == dtype
+    assert (f"ONEDNN_MAX_CPU_ISA={cap.upper()}" in reason) == (dtype == torch.float32)
 
 
 @pytest.mark.parametrize("bf16, dtype", [(True, torch.bfloat16), (False, torch.float16)])

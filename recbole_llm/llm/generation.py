@@ -1,6 +1,7 @@
 """Generation: batched greedy text (texts the LLM writes once and a stage caches) and beam search, free or
 constrained to the items of an ``ItemTrie`` (top-K items with their sequence log-probabilities)."""
 import inspect
+import os
 
 import torch
 from tqdm import tqdm
@@ -22,16 +23,18 @@ def chat_prompt(tokenizer, text, system=None):
 
 
 @torch.no_grad()
-def greedy_decode(llm, input_ids, attention_mask, max_new_tokens, eos_id, pad_id):
+def greedy_decode(llm, input_ids, attention_mask, max_new_tokens, eos_id, pad_id, cache=None):
     """Greedy decoding with a KV cache, vocabulary logits at the last position only.
 
     ``generate`` keeps prefill logits over the whole vocabulary for every position (about 4 GB for 64 prompts
     of SmolLM2 here); this loop keeps one row per prompt. Positions follow the attention mask, so a
-    left-padded prompt decodes as it would alone.
+    left-padded prompt decodes as it would alone. ``cache``: the KV cache of earlier tokens of these rows
+    (``attention_mask`` then covers them and ``input_ids``); decoding extends it in place.
     """
     stack, head = decoder(llm), llm.get_output_embeddings()
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    out = stack(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+    past = {} if cache is None else {CACHE_KWARG: cache}
+    out = stack(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True, **past)
     done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
     tokens = []
     for _ in range(max_new_tokens):
@@ -48,30 +51,72 @@ def greedy_decode(llm, input_ids, attention_mask, max_new_tokens, eos_id, pad_id
     return torch.stack(tokens, 1)
 
 
-@torch.no_grad()
 def generate_texts(llm, tokenizer, prompts, max_new_tokens=32, batch_size=16, desc="Generate", use_chat=True,
                    show_progress=True, system=None):
     """Greedy completions of ``prompts`` (in order). Prompts are batched by length to waste little padding.
 
     ``system``: a system message for chat models (a short one saves the model's default, often long, one).
     """
-    texts = [chat_prompt(tokenizer, p, system) if use_chat else p for p in prompts]
-    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
-    outputs = [""] * len(texts)
+    return generate_text_variants(llm, tokenizer, [[p] for p in prompts], max_new_tokens, batch_size, desc,
+                                  use_chat, show_progress, system)[0]
+
+
+def _shared_head(texts):
+    """The longest common beginning of ``texts`` that stops before a space (where a tokenizer starts a word
+    anyway) and the rest of each; one text is all head."""
+    if len(texts) == 1:
+        return texts[0], [""]
+    cut = max(os.path.commonprefix(texts).rfind(" "), 0)
+    return texts[0][:cut], [t[cut:] for t in texts]
+
+
+def _left_pad(rows, pad_id, device):
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
+
+
+def generate_text_variants(llm, tokenizer, rows, max_new_tokens=32, batch_size=16, desc="Generate", use_chat=True,
+                           show_progress=True, system=None):
+    """Greedy completions of several prompts per row that begin alike (e.g. two questions about one user's
+    items); returns one list of texts per variant, rows in order.
+
+    The common beginning of a row's prompts is encoded once and its KV cache reused by each variant (cropped
+    back after each), so a row costs its shared part once plus the short rest of each prompt: the same tokens,
+    positions and attention as encoding every prompt alone.
+    """
+    texts = [[chat_prompt(tokenizer, p, system) if use_chat else p for p in row] for row in rows]
+    encode = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"] if t else []  # noqa: E731
+    heads, tails = [], []
+    for row in texts:
+        head, rest = _shared_head(row)
+        head, rest = encode(head), [encode(t) for t in rest]
+        if not head or not all(rest):  # every variant needs a token of its own to read the first logits at
+            head, rest = head[:-1], [head[-1:] + r for r in rest]
+        heads.append(head)
+        tails.append(rest)
     device = next(llm.parameters()).device
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-        for batch in tqdm(batches, desc=desc, ncols=100, disable=not show_progress):
-            enc = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt").to(device)
-            new = greedy_decode(llm, enc["input_ids"], enc["attention_mask"], max_new_tokens,
-                                tokenizer.eos_token_id, tokenizer.pad_token_id)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    order = sorted(range(len(rows)), key=lambda i: len(heads[i]) + sum(map(len, tails[i])))
+    outputs = [[""] * len(rows) for _ in range(len(texts[0]) if texts else 0)]
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc=desc, ncols=100, disable=not show_progress):
+        cache, head_mask = None, torch.zeros(len(batch), 0, dtype=torch.long, device=device)
+        if any(heads[i] for i in batch):
+            ids, head_mask = _left_pad([heads[i] for i in batch], pad_id, device)
+            positions = (head_mask.cumsum(-1) - 1).clamp(min=0)
+            with torch.no_grad():
+                out = decoder(llm)(input_ids=ids, attention_mask=head_mask, position_ids=positions, use_cache=True)
+            cache = getattr(out, CACHE_KWARG)
+        for variant, texts_out in enumerate(outputs):
+            ids, mask = _left_pad([tails[i][variant] for i in batch], pad_id, device)
+            new = greedy_decode(llm, ids, torch.cat([head_mask, mask], 1), max_new_tokens, tokenizer.eos_token_id,
+                                pad_id, cache=cache)
+            if cache is not None:  # back to the shared beginning (a negative crop: every transformers version)
+                cache.crop(head_mask.shape[1] - cache.get_seq_length())
             for i, row in zip(batch, tokenizer.batch_decode(new, skip_special_tokens=True)):
-                outputs[i] = " ".join(row.split())
-    finally:
-        tokenizer.padding_side = padding_side
+                texts_out[i] = " ".join(row.split())
     return outputs
 
 

@@ -1,8 +1,10 @@
 """Which dtype and quantization the LLM runs in, chosen from what the hardware really does.
 
 ``llm_dtype: auto``
-  CPU   bf16 only where the CPU computes it natively (AMX or AVX512-BF16); elsewhere bf16 is emulated and
-        several times slower than fp32 (measured: 85 vs 372 tok/s for SmolLM2 on an AVX2-only EPYC), so fp32.
+  CPU   bf16 only where the CPU computes it natively (AMX or AVX512-BF16) and oneDNN may use it (an
+        ``ONEDNN_MAX_CPU_ISA`` cap below AVX512_CORE_BF16 leaves torch's bf16 matmuls emulated); elsewhere bf16
+        is emulated and several times slower than fp32 (measured: 85 vs 372 tok/s for SmolLM2 on an AVX2-only
+        EPYC), so fp32.
   CUDA  bf16 where the GPU supports it natively, else fp16 (trained with a gradient scaler).
 ``llm_quantization: auto``
   CUDA  4-bit only when the unquantized model would not fit the GPU's free memory with room for activations
@@ -12,6 +14,8 @@
 ``autocast_context`` and ``grad_scaler`` are what a training or scoring loop needs to honour the choice:
 autocast only in bf16/fp16, a gradient scaler only for fp16 on CUDA.
 """
+import os
+
 import torch
 
 from recbole_llm.errors import ConfigError
@@ -23,6 +27,8 @@ QUANTIZATIONS = ("auto", "none", "4bit", "8bit")
 # Room left beside the weights for activations, the KV cache, optimizer state and CUDA's own workspace.
 ACTIVATION_HEADROOM = 0.25  # of the weights' size
 ACTIVATION_HEADROOM_MIN = 2 * 1024 ** 3  # bytes
+# oneDNN ISA caps (``ONEDNN_MAX_CPU_ISA``) below its bf16 kernels: torch's bf16 matmuls are then emulated
+ONEDNN_CAPS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI"}
 
 
 def _detected(name):
@@ -48,6 +54,9 @@ def choose_dtype(name, device):
         return torch.float16, "this GPU has no native bf16: fp16 with a gradient scaler"
     if device.type == "cpu":
         native = [feature for feature, present in cpu_bf16_features().items() if present]
+        cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+        if native and cap in ONEDNN_CAPS_WITHOUT_BF16:
+            return torch.float32, f"ONEDNN_MAX_CPU_ISA={cap} keeps this CPU's native bf16 ({', '.join(native)}) unused"
         if native:
             return torch.bfloat16, f"this CPU has native bf16: {', '.join(native)}"
         return torch.float32, "this CPU has no native bf16"

@@ -25,6 +25,7 @@ GLLM head (``gllm_init``):
                 (``ia_head``, no user, no gate) and its own slots: only the item projector carries over, and
                 the final stage starts exactly at the backbone's ranking. Run it with ``eval_before_training``:
                 the start is validated and kept unless training beats it (never below the backbone on valid).
+                While g = 0 the scores are E_i E_u at every slot, so evaluation then skips the LLM pass.
 
 Inference (``inference``): ``glta`` reads the ranking off the first k slots (slot t places its best item not
 yet placed nor masked); ``fl`` places the top-k items of slot 1; ``ar`` feeds the item token chosen
@@ -50,6 +51,7 @@ Training targets are never shown in the prompt: a user with more than k training
 with k of them (shuffled) and shows others; a user with n <= k items supervises ceil(n / 2) slots and shows the
 rest. A user with no training item has an empty history, a generated text from no items, and no training loss.
 """
+import hashlib
 import logging
 import math
 import random
@@ -64,7 +66,7 @@ from torch import nn
 from recbole_llm.data.item_text import load_item_texts
 from recbole_llm.data.prompts import PromptTemplate, collate
 from recbole_llm.errors import ConfigError
-from recbole_llm.llm import embed_inputs, embedding_std, generate_texts, last_hidden_states, load_llm
+from recbole_llm.llm import embed_inputs, embedding_std, generate_text_variants, last_hidden_states, load_llm
 from recbole_llm.llm.inputs import decoder
 from recbole_llm.llm.precision import autocast_context
 from recbole_llm.model.abstract import LLMRecommender, Stage, TrainStage
@@ -104,6 +106,12 @@ class GLLMHead(nn.Module):
             self.norm = nn.BatchNorm1d(hidden_size, affine=False)
             self.map = nn.Linear(hidden_size, cf_dim, bias=False)
             self.gate = nn.Parameter(torch.zeros(())) if gated else None
+            if not gated:  # ungated: M starts at 0, so the logits start uniform (loss ln |I|), not at a random ranking
+                nn.init.zeros_(self.map.weight)
+
+    def closed_gate(self):
+        """True while a gated residual head adds nothing (g = 0): it then scores exactly like the backbone."""
+        return getattr(self, "gate", None) is not None and float(self.gate.detach()) == 0.0
 
     def forward(self, hidden, item_emb, user_emb=None):
         with torch.autocast(device_type=hidden.device.type, enabled=False):  # logits over all items in fp32
@@ -123,6 +131,7 @@ class GLLMHead(nn.Module):
 
 class GLTA(TopKRanked, LLMRecommender, GeneralRecommender):
     input_type = InputType.POINTWISE
+    STATE_CACHE_BYTES = 1024 ** 3  # inference slot states kept between evaluations, at most
     other_parameter_name = ["profile_texts", "prediction_texts"]
 
     def __init__(self, config, dataset):
@@ -172,6 +181,7 @@ class GLTA(TopKRanked, LLMRecommender, GeneralRecommender):
         self.profile_texts, self.prediction_texts = [""] * self.n_users, [""] * self.n_users
         self._desc_ids = [self._tokens(t, config["ia_desc_tokens"]) for t in self.item_texts]
         self.ranking = Ranking(config, dataset, self._score_users)  # top-K cache, cleared in calculate_loss
+        self._states, self._states_key = {}, None  # inference slot states (``_inference_states``)
         self.requires_grad_(False)
         self.to(self.device)  # the LLM is loaded there already: buffers, projectors and head join it
 
@@ -284,15 +294,16 @@ class GLTA(TopKRanked, LLMRecommender, GeneralRecommender):
 
     # Stage 2: profile and prediction texts, written by the LLM.
     def generate_profiles(self, trainer, train_data, valid_data):
-        texts = {}
-        for kind in ("profile", "prediction"):
-            prompts = [self.config[f"{kind}_prompt"].format(history=self._history_text(u))
-                       for u in range(1, self.n_users)]  # user 0 is RecBole's padding user
-            texts[kind] = [""] + generate_texts(self.llm, self.tokenizer, prompts, self.config["gen_max_tokens"],
-                                                self.config["gen_batch_size"], desc=f"Generate {kind}",
-                                                show_progress=self.config["show_progress"],
-                                                system=self.config["gen_system_prompt"])
-        return texts
+        """Both texts per user in one pass: the prompts share their beginning (system message and the user's
+        items), which is encoded once and reused for each question (``generate_text_variants``)."""
+        templates = [self.config["profile_prompt"], self.config["prediction_prompt"]]
+        rows = [[t.format(history=self._history_text(u)) for t in templates]
+                for u in range(1, self.n_users)]  # user 0 is RecBole's padding user
+        profile, prediction = generate_text_variants(
+            self.llm, self.tokenizer, rows, self.config["gen_max_tokens"], self.config["gen_batch_size"],
+            desc="Generate profile + prediction", show_progress=self.config["show_progress"],
+            system=self.config["gen_system_prompt"])
+        return {"profile": [""] + profile, "prediction": [""] + prediction}
 
     def load_profiles(self, artifact):
         self.profile_texts, self.prediction_texts = artifact["profile"], artifact["prediction"]
@@ -395,14 +406,17 @@ class GLTA(TopKRanked, LLMRecommender, GeneralRecommender):
     def _slot_logits(self, encoded, user_emb, head=None):
         """Logits over all items at each prompt's own output slots: (B, most slots, |I|); a row with fewer slots
         repeats its last one (its labels there are ignored)."""
+        return (self.head if head is None else head)(self._slot_states(encoded), self.item_emb, user_emb)
+
+    def _slot_states(self, encoded):
+        """The LLM's last hidden states at each prompt's output slots (B, most slots, H)."""
         input_ids, attention, placeholder, vectors, positions = collate(encoded, self.tokenizer.pad_token_id, "left")
         hidden = last_hidden_states(self.llm, input_ids.to(self.device), attention.to(self.device),
                                     placeholder.to(self.device), vectors)
         width = max(len(p["slots"]) for p in positions)
         index = torch.tensor([p["slots"] + p["slots"][-1:] * (width - len(p["slots"])) for p in positions],
                              device=self.device)
-        slots = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        return (self.head if head is None else head)(slots, self.item_emb, user_emb)
+        return hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
 
     @staticmethod
     def _slot_loss(logits, targets):
@@ -421,13 +435,48 @@ class GLTA(TopKRanked, LLMRecommender, GeneralRecommender):
         """``Ranking``'s scorer: the k placed items of each user of ``batch`` and the best log-softmax over the
         slots of every item (the fallback below them)."""
         users = batch[self.USER_ID].tolist()
+        if self.head.closed_gate():  # Z = E_i E_u at every slot (fp32), whatever the LLM says: no LLM pass
+            logits = (self._head_user(users) @ self.item_emb.T).unsqueeze(1).expand(-1, self.k, -1)
+            logp, placed = self._place(logits, exclude)
+            return placed, logp[:, 0]
         with autocast_context(self.device, self.llm_dtype, self.config["llm_autocast"]):
             if self.inference == "ar":
                 logp, placed = self._autoregressive(users, exclude)
             else:
-                encoded = [self._user_prompt(u, self._inference_history(u)) for u in users]
-                logp, placed = self._place(self._slot_logits(encoded, self._head_user(users)), exclude)
+                states = self._inference_states(users)
+                logp, placed = self._place(self.head(states, self.item_emb, self._head_user(users)), exclude)
         return placed, (logp.mean(dim=1) if self.inference == "mean" else logp.max(dim=1).values)
+
+    def _inference_states(self, users):
+        """Slot states of the inference prompts of ``users``, kept between evaluations while what feeds the LLM
+        is unchanged (a digest of the projectors, slots, CF embeddings and texts; the LLM is frozen): the
+        test pass after a validation of the same weights (RecBole reloads the best model, often the one just
+        validated) reuses them instead of a second LLM pass. Kept only if all users' states fit in
+        ``STATE_CACHE_BYTES``."""
+        key = self._input_digest()
+        if key != self._states_key:
+            self._states, self._states_key = {}, key
+        missing = [u for u in users if u not in self._states]
+        if missing:
+            states = self._slot_states([self._user_prompt(u, self._inference_history(u)) for u in missing])
+            if self.n_users * states[0].numel() * states.element_size() > self.STATE_CACHE_BYTES:
+                self._states_key = None  # too many users to keep: computed for this batch only
+                return states if len(missing) == len(users) else self._slot_states(
+                    [self._user_prompt(u, self._inference_history(u)) for u in users])
+            self._states.update(zip(missing, states))
+        return torch.stack([self._states[u] for u in users])
+
+    def _input_digest(self):
+        """What the LLM's inputs depend on, as a digest (the frozen LLM aside)."""
+        digest = hashlib.blake2b(digest_size=16)
+        for name in ("item_proj", "user_proj", "user_id_emb"):
+            module = getattr(self, name)
+            for tensor in ([] if module is None else module.state_dict().values()):
+                digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        for tensor in (self.slots, self.user_emb, self.item_emb):
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        digest.update("\0".join(self.profile_texts + self.prediction_texts).encode())
+        return digest.hexdigest()
 
     def _place(self, logits, exclude):
         """Log-probabilities per slot and the k placed items, never ``exclude``d (B, |I|): first-k slots (glta)
