@@ -177,15 +177,17 @@ def glta_batches(llm_path, batch, device):
     from recbole_llm.trainer import LLMTrainer
 
     trainer = LLMTrainer(config, model)
-    trainer.optimizer = trainer._build_optimizer(params=model.set_trainable(model.final_stage().modules))
     ia = model.item_text_batches(train, 0)[0]
     ua = model.train_batches(train, 0)[0]
     return trainer, ia, ua
 
 
-def glta_row(name, trainer, encoded, loss_fn, batch, repeats, peak):
-    """One step of GLTA's stage loss through the trainer's loop vs the plain loop on the same token batch."""
+def glta_row(name, trainer, stage, encoded, batch, repeats, peak):
+    """One step of a GLTA stage's loss through the trainer's loop (what that stage trains) vs the plain loop on
+    the same token batch."""
     model = trainer.model
+    trainer.optimizer = trainer._build_optimizer(params=model.set_trainable(stage.modules))
+    loss_fn = stage.loss
     device, llm = model.device, model.llm
     input_ids, attention, placeholder, vectors, _ = collate(encoded, model.tokenizer.pad_token_id, "left")
     input_ids, attention, placeholder = input_ids.to(device), attention.to(device), placeholder.to(device)
@@ -274,9 +276,10 @@ def main():
     trainer, ia, ua = glta_batches(args.llm_path, args.glta_batch, device)
     model = trainer.model
     peak = peak_for(DTYPE_NAMES[model.llm_dtype])
-    glta_row("GLTA item-text alignment step", trainer, model.item_text_prompts(ia)[0], model.item_text_loss, ia,
-             args.repeats, peak)
-    glta_row("GLTA user-item alignment step", trainer, model.user_item_prompts(ua), model.calculate_loss, ua,
+    item_text = next(s for s in model.stages() if s.name == "item_text_alignment")
+    glta_row("GLTA item-text alignment step", trainer, item_text, model.item_text_prompts(ia)[0], ia, args.repeats,
+             peak)
+    glta_row("GLTA user-item alignment step", trainer, model.final_stage(), model.user_item_prompts(ua), ua,
              args.repeats, peak)
 
 
