@@ -1,13 +1,15 @@
 """TCA4Rec on ml-100k (leave-one-out, RecBole's sequential preset, one seed): one table, and speed ratios.
 
     python bench/tca4rec.py [--users 100] [--rows 2] [--history 5] [--runs NAME,...] [--repeats 5]
+                            [--identifier title|semantic_id]
                             [--key=value ...]     (e.g. --eval_step=0: no validation pass, test only)
 
 Rows: each CF backbone alone (SASRec, MF, LightGCN, DCCF, trained once as TCA4Rec's cached ``cf_pretrain`` stage
 and evaluated by RecBole on the same split), the base LLM recommender (alpha 0), TCA4Rec over MF, LightGCN and
 SASRec with both losses, and an alpha sweep (0, 0.05, 0.1, 0.3) over SASRec with the mixture loss. Test HR / NDCG
 at 1, 5, 10; the validation NDCG@10 each run was selected on; wall time and peak RSS of each run (a process per
-run). Only ``item_identifier: title`` exists today (no semantic IDs yet).
+run). ``--identifier semantic_id`` runs the LLM rows with AlignTokenRec's codebook codes as item identifiers
+(TCA4Rec's ``item_identifier``; the codebook stages run once, cached); the backbone rows do not depend on it.
 
 Speed, measured in the same run on one batch of real prompts (interleaved repeats, medians):
   - a TCA4Rec training step (CF logits + soft labels + soft loss + backward) over a plain NTP step (alpha 0);
@@ -104,25 +106,21 @@ def child_speed(overrides):
     import torch
 
     from recbole_llm.config import Config
-    from recbole_llm.llm.alignment import IGNORE, soft_labels_loop, subtree_table
+    from recbole_llm.llm.alignment import IGNORE, answer_targets, soft_labels_loop, subtree_table
     from recbole_llm.model.sequential_recommender.tca4rec import TCA4Rec
-    from recbole_llm.stages import StageCache
+    from recbole_llm.trainer import LLMTrainer
     from recbole_llm.utils import create_dataset, data_preparation
 
     repeats = overrides.pop("repeats")
     config = Config("TCA4Rec", overrides.pop("dataset"), config_dict=overrides)
     train, valid, _ = data_preparation(config, create_dataset(config))
     model = TCA4Rec(config, train._dataset)
-    stage = model.cf.stage()
-    StageCache(config, train._dataset).run(stage, lambda: stage.build(None, train, valid), stage.load)
+    LLMTrainer(config, model).run_stages(train, valid)  # cf_pretrain (+ the codebook stages for semantic IDs)
     model.set_trainable(["llm"])
     model.train()
     batch = next(iter(train))
     vocab = model.llm.get_output_embeddings().weight.shape[0]
-    answers = [model.trie.tokens(i) for i in batch[model.POS_ITEM_ID].tolist()]
-    targets = torch.full((len(answers), max(map(len, answers))), IGNORE)
-    for row, tokens in enumerate(answers):
-        targets[row, :len(tokens)] = torch.tensor(tokens)
+    targets = answer_targets([model.trie.tokens(i) for i in batch[model.POS_ITEM_ID].tolist()])
     scores = model.cf.logits(batch)
     subtree = subtree_table(model.trie)
     autocast = torch.autocast("cpu", dtype=model.llm_dtype, enabled=model.llm_dtype == torch.bfloat16)
@@ -144,7 +142,7 @@ def child_speed(overrides):
             if r:
                 timings[name].append(time.perf_counter() - start)
     out = {k: statistics.median(v) for k, v in timings.items()}
-    out.update(batch=len(answers), answer_tokens=int((targets != IGNORE).sum()), vocab=vocab, repeats=repeats)
+    out.update(batch=len(targets), answer_tokens=int((targets != IGNORE).sum()), vocab=vocab, repeats=repeats)
     return out
 
 
@@ -170,6 +168,8 @@ def main():
     parser.add_argument("--history", type=int, default=5, help="history_len")
     parser.add_argument("--seed", type=int, default=2020)
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats of the speed measurements")
+    parser.add_argument("--identifier", default="title", choices=["title", "semantic_id"],
+                        help="item_identifier of the LLM rows")
     parser.add_argument("--runs", default=None, help="comma-separated run names (default: all)")
     parser.add_argument("--checkpoint_dir", default="saved/bench_tca4rec")
     parser.add_argument("--output", default=None, help="also write the results as JSON here")
@@ -189,13 +189,15 @@ def main():
     common = {"dataset": name, "data_path": data, "checkpoint_dir": args.checkpoint_dir, "seed": args.seed,
               "show_progress": False, "item_text_fields": ["movie_title", "release_year", "class"],
               "load_col": {"inter": ["user_id", "item_id", "rating", "timestamp"]},
-              "train_rows_per_user": args.rows, "history_len": args.history, "epochs": 1}
+              "train_rows_per_user": args.rows, "history_len": args.history, "epochs": 1,
+              "item_identifier": args.identifier}
     for pair in extra:  # --key=value, as with run_recbole_llm.py
         key, value = pair.lstrip("-").split("=", 1)
         common[key] = json.loads(value) if value[:1] in "[{0123456789-" or value in ("true", "false") else value
     print(f"ml-100k, {args.users} users sampled (seed {args.seed}), leave-one-out, seed {args.seed}; "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, {os.cpu_count()} CPUs; "
           f"train_rows_per_user={args.rows}, history_len={args.history}, 1 epoch, "
+          f"item_identifier={args.identifier}, "
           f"llm_path={common.get('llm_path', 'smollm2')}; overrides {extra}", flush=True)
 
     speed = spawn("speed", dict(common, repeats=args.repeats, **RUNS[DEFAULT_RUN]))

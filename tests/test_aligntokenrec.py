@@ -9,6 +9,7 @@ import torch
 
 from recbole_llm.errors import ConfigError
 from recbole_llm.model.quantize import ResidualQuantizer, collision_rate, resolve_collisions
+from recbole_llm.model.sequential_recommender.aligntokenrec import AlignTokenRec
 from recbole_llm.quick_start import load_data_and_model, main as cli_main, run_recbole_llm
 from recbole_llm.serve import TopKCacheFile, TopKServer, main as serve_main
 from tests.conftest import write_sequential_dataset
@@ -198,3 +199,36 @@ def test_a_dataset_without_the_text_field_fails_at_start_naming_it(tmp_path, cap
     assert cli_main(["--model=AlignTokenRec", "--dataset=notext", f"--config_files={cfg}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "description" in err[0] and err[0].startswith("recbole-llm: error:")
+
+
+def test_tca_soft_labels_plug_into_the_sequential_task(tmp_path):
+    """``tca_alpha > 0``: TCA4Rec's SoftLabelLoss on the sequential task's code tokens, the DCCF backbone as teacher;
+    through the same path at alpha 0 the loss equals the plain SFT loss, and rows of other tasks stay one-hot."""
+    from recbole_llm.config import Config
+    from recbole_llm.trainer import LLMTrainer
+    from recbole_llm.utils import create_dataset, data_preparation
+
+    root = write_sequential_dataset(str(tmp_path / "data"), name="atr")
+    config = Config("AlignTokenRec", "atr", config_dict=dict(
+        SMALL, data_path=root, checkpoint_dir=str(tmp_path / "saved"), llm_dtype="fp32", tca_alpha=0.5,
+        tca_loss="soft_ce", code_token_init="mlp2", codebook_epochs=2))
+    train, valid, _ = data_preparation(config, create_dataset(config))
+    model = AlignTokenRec(config, train._dataset)
+    LLMTrainer(config, model).run_stages(train, valid)
+    assert model.alignment.trie is model.trie
+    samples = [s for batch in model.task_batches(train, 0) for s in batch]
+    batch = [s for s in samples if s[0] == "seq"][:4] + [s for s in samples if s[0] != "seq"][:4]
+    other = [s for s in samples if s[0] != "seq"][:8]
+    soft, soft_other = model.calculate_loss(batch).item(), model.calculate_loss(other).item()
+    model.alignment.alpha = 0.0
+    zero, zero_other = model.calculate_loss(batch).item(), model.calculate_loss(other).item()
+    alignment, model.alignment = model.alignment, None
+    plain, plain_other = model.calculate_loss(batch).item(), model.calculate_loss(other).item()
+    model.alignment = alignment
+    # to fp32 rounding (the LM head runs on differently shaped inputs in the two paths): 1e-6 of the loss
+    assert zero == pytest.approx(plain, rel=1e-6) and zero_other == pytest.approx(plain_other, rel=1e-6)
+    assert abs(soft - plain) > 1e-4
+    assert soft_other == pytest.approx(plain_other, rel=1e-6)  # no sequential row: no soft label
+    with pytest.raises(ConfigError, match="tca_alpha"):
+        AlignTokenRec(Config("AlignTokenRec", "atr", config_dict=dict(
+            SMALL, data_path=root, checkpoint_dir=str(tmp_path / "saved"), tca_alpha=1.5)), train._dataset)

@@ -11,6 +11,7 @@ from recbole_llm.errors import ConfigError
 from recbole_llm.llm import ItemTrie
 from recbole_llm.llm.alignment import IGNORE, SoftLabelLoss, soft_labels_loop
 from recbole_llm.model.sequential_recommender.tca4rec import TCA4Rec, unique_titles
+from recbole_llm.trainer import LLMTrainer
 from recbole_llm.utils import create_dataset, data_preparation
 from tests.conftest import tiny_config
 
@@ -156,16 +157,14 @@ def test_training_rows_per_user_and_options(tiny_seq_data):
     assert sorted(users.tolist()) == sorted(2 * list(range(1, 41)))
     lengths = torch.cat([b[model.ITEM_SEQ_LEN] for b in batches])
     assert set(lengths.tolist()) == {6, 7}  # each user's last two training targets (10 items: histories 1..7)
-    with pytest.raises(ConfigError, match="semantic_id"):
-        build(tiny_seq_data, item_identifier="semantic_id")
+    with pytest.raises(ConfigError, match="item_identifier: unknown 'isbn'"):
+        build(tiny_seq_data, item_identifier="isbn")
     with pytest.raises(ConfigError, match="num_beams"):
         build(tiny_seq_data, num_beams=5)
 
 
 def test_tca4rec_trains_with_cf_labels_end_to_end(tiny_seq_data):
     """alpha > 0 over SASRec: the backbone's logits enter the loss (it differs from alpha 0 on the same batch)."""
-    from recbole_llm.trainer import LLMTrainer
-
     config, model, train, valid, _ = build(tiny_seq_data, alpha=0.3, cf_backbone="SASRec")
     trainer = LLMTrainer(config, model)
     trainer.run_stages(train, valid)
@@ -174,3 +173,69 @@ def test_tca4rec_trains_with_cf_labels_end_to_end(tiny_seq_data):
     model.alignment.alpha = 0.0
     assert abs(with_cf - model.calculate_loss(batch).item()) > 1e-4
     assert isinstance(batch, Interaction)
+
+
+# ----- item_identifier: semantic_id (AlignTokenRec's codes, model/semantic_ids.py) -----------------------------
+SEMANTIC = {"item_identifier": "semantic_id", "codebook_levels": 3, "codebook_size": 8, "codebook_epochs": 2,
+            "kmeans_iters": 5, "code_token_init": "mlp2", "train_rows_per_user": 1, "epochs": 1}
+
+
+@pytest.fixture(scope="module")
+def semantic(tiny_seq_data):
+    """TCA4Rec over SASRec with semantic IDs from DCCF's codebooks, its stages run (and cached)."""
+    config, model, train, valid, test = build(tiny_seq_data, alpha=0.3, cf_backbone="SASRec", **SEMANTIC)
+    LLMTrainer(config, model).run_stages(train, valid)
+    return config, model, train, valid, test
+
+
+def test_semantic_id_items_are_code_sequences(semantic):
+    config, model, train, _, _ = semantic
+    assert [s.name for s in model.stages()] == ["cf_pretrain", "codebook_cf_pretrain", "codebook_init",
+                                                 "alignment_tokenization", "item_codes"]
+    assert model.cf.name == "SASRec" and model.code_cf.name == "DCCF"
+    codes = model.code_ids.flatten().tolist()
+    sequences = [tuple(model.trie.tokens(i)) for i in range(1, model.n_items)]
+    assert len(set(sequences)) == model.n_items - 1  # unique: every item is one code sequence
+    assert all(len(s) == 4 and s[-1] == model.eos and set(s[:3]) <= set(codes) for s in sequences)
+    assert model.alignment.trie is model.trie
+    # the prompt shows the history's code tokens, tokenized back to the same ids
+    batch = next(iter(train))
+    seq, n = batch[model.ITEM_SEQ][0].tolist(), int(batch[model.ITEM_SEQ_LEN][0])
+    prompt = model.prompts(batch[:1])[0]
+    for item in seq[:n][-model.history_len:]:
+        ids = model.item_token_ids(item)
+        assert any(prompt[k:k + len(ids)] == ids for k in range(len(prompt)))
+    # P_cf over the code trie: a distribution over the codes that continue a real item under the true prefix
+    answers = [model.trie.tokens(i) for i in batch[model.POS_ITEM_ID].tolist()]
+    targets = torch.tensor(answers)
+    vocab = model.llm.get_output_embeddings().weight.shape[0]
+    labels = model.trie.soft_labels(targets, model.cf.logits(batch), vocab)[:, :-1]
+    allowed = model.trie.next_token_mask(targets, vocab, every_position=True)[:, :-1]
+    assert torch.allclose(labels.sum(-1), torch.ones(targets.shape), atol=1e-5) and (labels[~allowed] == 0).all()
+
+
+def test_semantic_id_trains_one_step_and_evaluates(semantic):
+    config, model, train, valid, test = semantic
+    batch = next(iter(train))
+    params = model.set_trainable(["llm"])
+    loss = model.calculate_loss(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    model.alignment.alpha = 0.0
+    assert abs(model.calculate_loss(batch).item() - loss.item()) > 1e-4  # the CF labels enter the loss
+    model.alignment.alpha = 0.3
+    model.zero_grad(set_to_none=True)
+    trainer = LLMTrainer(config, model)  # the stages are reused from the cache
+    trainer.fit(train, valid, saved=False)
+    result = trainer.evaluate(test, load_best_model=False)
+    assert set(result) >= {"hit@1", "hit@10", "ndcg@10"} and 0 <= result["hit@10"] <= 1
+
+
+def test_semantic_id_beam_search_emits_only_real_items(semantic):
+    _, model, _, _, test = semantic
+    model.eval()
+    batch = next(iter(test))[0]
+    items, dense = model._score(batch, None)
+    assert dense is None and items.shape == (len(batch), model.num_beams)
+    assert ((items >= 1) & (items < model.n_items)).all()
+    assert all(len(set(row)) == len(row) for row in items.tolist())

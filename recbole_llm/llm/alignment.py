@@ -3,6 +3,9 @@ recommender whose items are token sequences in an ``ItemTrie`` (titles, semantic
 
     loss = SoftLabelLoss(trie, alpha=0.1, kind="mixture")       # plug-and-play: a model switches it on
     value = loss(logits, targets, cf_scores)                    # in place of its next-token cross-entropy
+    value = loss(logits, targets, cf_scores, rows)              # soft labels on some rows only (one-hot elsewhere)
+
+``logits``: e.g. ``scoring.answer_logits`` over (prompt, answer) pairs; ``targets``: ``answer_targets(answers)``.
 
 At target position t of an item's token sequence (ground-truth prefix y_<t):
   P_cf,t(v)  the softmax of the CF scores over the items under y_<t, summed per next token v
@@ -64,13 +67,14 @@ class SoftLabelLoss(nn.Module):
         p_cf = self.trie.soft_labels(targets, cf_scores, vocab_size)[:, :-1]  # prefix y_<t for t = 0..L-1
         return (1 - self.alpha) * onehot + self.alpha * p_cf
 
-    def forward(self, logits, targets, cf_scores=None):
+    def forward(self, logits, targets, cf_scores=None, rows=None):
         """Mean loss over target tokens.
 
         Args:
             logits (Tensor): (B, L, V); ``logits[:, t]`` predicts ``targets[:, t]``.
             targets (LongTensor): (B, L) item token sequences (end marker included), padded with -100.
             cf_scores (Tensor): (B, n_items) CF scores indexed by item id (needed when alpha > 0).
+            rows (BoolTensor): (B,) the rows that take the soft label (default: all); the others are one-hot.
         """
         if self.alpha > 0 and cf_scores is None:
             raise ValueError("SoftLabelLoss: alpha > 0 needs CF scores")
@@ -79,11 +83,21 @@ class SoftLabelLoss(nn.Module):
         if self.alpha == 0:  # plain next-token prediction
             return -logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)[keep].mean()
         q = self.labels(targets, cf_scores, logp.shape[-1])
+        if rows is not None:
+            q = torch.where(rows.view(-1, 1, 1), q, F.one_hot(targets.clamp(min=0), logp.shape[-1]).float())
         if self.kind == "mixture":
             per_token = -torch.logsumexp(logp + q.log(), dim=-1)  # -log sum_v q_v p_v
         else:
             per_token = -torch.where(q > 0, q * logp, torch.zeros_like(logp)).sum(-1)  # -sum_v q_v log p_v
         return per_token[keep].mean()
+
+
+def answer_targets(answers):
+    """(B, L) targets from token id lists (each an item's tokens + end marker), right-padded with -100."""
+    targets = torch.full((len(answers), max(map(len, answers))), IGNORE, dtype=torch.long)
+    for row, tokens in enumerate(answers):
+        targets[row, :len(tokens)] = torch.tensor(tokens)
+    return targets
 
 
 def subtree_table(trie):

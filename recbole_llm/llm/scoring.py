@@ -61,6 +61,19 @@ def answer_loss(logits, labels):
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
 
 
+def answer_logits(llm, prompts, answers, pad_id, device):
+    """Vocabulary logits (B, L, V) that predict each answer token (answers right-padded to L) after its prompt, from
+    id lists; the LM head runs on the answer positions only (``logits[b, t]`` predicts ``answers[b][t]``)."""
+    input_ids, attention, _, _, _ = collate([(p + a, [], {}) for p, a in zip(prompts, answers)], pad_id, "left")
+    hidden = last_hidden_states(llm, input_ids.to(device), attention.to(device))
+    total, width = hidden.shape[1], max(map(len, answers))
+    lengths = torch.tensor([len(a) for a in answers], device=device)
+    # answer token t of row b sits at total - len_b + t; the state before it predicts it
+    index = (total - lengths.unsqueeze(1) - 1 + torch.arange(width, device=device)).clamp(max=total - 1)
+    hidden = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    return llm.get_output_embeddings()(hidden)
+
+
 def causal_lm_loss(llm, input_ids, attention_mask, labels, placeholder_mask=None, vectors=None):
     """``answer_loss`` of the LLM on a batch, computing vocabulary logits only where an answer token is predicted
     (the prompt positions never reach the LM head)."""

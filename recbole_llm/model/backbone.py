@@ -168,15 +168,16 @@ class CFBackbone:
         """Width of ``embeddings()``, known before the stage runs."""
         return int(self._rule()[1](self.config))
 
-    def stage(self, on_load=None):
-        """The ``cf_pretrain`` stage; ``on_load()`` runs after the frozen backbone is loaded."""
+    def stage(self, on_load=None, name="cf_pretrain", backbone_key="cf_backbone"):
+        """The ``cf_pretrain`` stage; ``on_load()`` runs after the frozen backbone is loaded. ``backbone_key``:
+        the option that chose this backbone (keyed; a model with a second backbone names it, and the stage)."""
 
         def load(artifact):
             self.load(artifact)
             if on_load is not None:
                 on_load()
 
-        return Stage("cf_pretrain", self.build, load, ["cf_backbone", "cf_config", "valid_metric"])
+        return Stage(name, self.build, load, [backbone_key, "cf_config", "valid_metric"])
 
     def build(self, trainer, train_data, valid_data):
         """Train the backbone with RecBole's own trainer (early stopping on ``valid_data``; the LLM model's

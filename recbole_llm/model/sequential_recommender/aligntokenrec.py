@@ -6,7 +6,8 @@ Reference:
     Guanghan Li et al. "Semantic Convergence: Harmonizing Recommender Systems via Two-Stage Alignment and
     Behavioral Semantic Tokenization." in AAAI 2025. (No public code.)
 
-Stages, in the paper's order (each cached by ``StageCache``):
+Stages, in the paper's order (each cached by ``StageCache``; 1-4, the alignment tokenization, live in
+``recbole_llm/model/semantic_ids.py``, shared with TCA4Rec's ``item_identifier: semantic_id``):
   1. cf_pretrain             DCCF (or ``cf_backbone``) on the training split; its item embeddings Emb(r_i).
   2. codebook_init           the LLM embedding of every item, E^LLM: the LLM's input embeddings mean-pooled over
                              the item's title and description tokens; each codebook level initialised by k-means
@@ -18,6 +19,11 @@ Stages, in the paper's order (each cached by ``StageCache``):
                              code under the same prefix), so every item has a unique sequence; the item trie.
   5. alignment_tasks         (the final stage, RecBole's loop) LoRA SFT of the LLM with N x C new code tokens on
                              the sequential, negative-behaviour, text and query tasks (templates in the YAML).
+                             With ``tca_alpha > 0`` (plug-and-play, TCA4Rec's ``SoftLabelLoss`` from
+                             ``llm/alignment.py``) the sequential task's code tokens take soft labels
+                             q_t = (1 - tca_alpha) onehot(y_t) + tca_alpha P_cf,t, P_cf,t from the cf_pretrain
+                             backbone's logits over the code trie's subtree (loss ``tca_loss``); other tasks keep
+                             their one-hot labels. ``tca_alpha: 0`` (default) is the plain SFT loss.
 Inference: the LC-Rec prompt, beam search constrained to the item trie (every output is a real item), the beams'
 items ranked first through ``recbole_llm.model.ranking`` (the rest tied below). ``recbole_llm.serve`` caches the
 top-K per user and adds new items without retraining.
@@ -52,26 +58,23 @@ import random
 
 import numpy as np
 import torch
+from recbole.data.interaction import Interaction
 from recbole.model.abstract_recommender import SequentialRecommender
-from torch import nn
 
-from recbole_llm.data.item_text import load_item_texts
 from recbole_llm.data.prompts import PromptTemplate, collate
 from recbole_llm.errors import ConfigError
-from recbole_llm.llm import ItemTrie, beam_search_items, load_llm
-from recbole_llm.llm.inputs import input_embedding
+from recbole_llm.llm import beam_search_items, load_llm
+from recbole_llm.llm.alignment import SoftLabelLoss, answer_targets
 from recbole_llm.llm.precision import autocast_context
-from recbole_llm.llm.scoring import answer_batch, causal_lm_loss, encode_texts
-from recbole_llm.model.abstract import LLMRecommender, Stage, TrainStage
+from recbole_llm.llm.scoring import answer_batch, answer_logits, causal_lm_loss
+from recbole_llm.model.abstract import LLMRecommender, TrainStage
 from recbole_llm.model.backbone import CFBackbone
-from recbole_llm.model.quantize import (ResidualQuantizer, collision_rate, paired_distance,
-                                        resolve_collisions)
+from recbole_llm.model.quantize import resolve_collisions
 from recbole_llm.model.ranking import Ranking, TopKRanked
+from recbole_llm.model.semantic_ids import SemanticIDs, code_tokens, item_texts
 
 logger = logging.getLogger(__name__)
 
-TOKEN_INITS = ("none", "mlp2", "mlp3")
-TOKENIZATIONS = ("align", "ed")
 # The paper's ablations (Tables 3-5, 7) as config overrides.
 ABLATIONS = {
     "default": {},
@@ -85,55 +88,31 @@ ABLATIONS = {
 }
 
 
-def code_tokens(levels, codes):
-    """The N x C new tokens, LC-Rec style: ``<a_0>`` .. for level 0, ``<b_0>`` .. for level 1, ..."""
-    return [f"<{chr(ord('a') + n)}_{c}>" for n in range(levels) for c in range(codes)]
-
-
-class AlignTokenRec(TopKRanked, LLMRecommender, SequentialRecommender):
-    other_parameter_name = ["collision_rate"]  # saved with the checkpoint (RecBole's other_parameter)
-
+class AlignTokenRec(SemanticIDs, TopKRanked, LLMRecommender, SequentialRecommender):
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.config = config
         self._check_options(config)
 
         # load parameters info
-        self.levels, self.n_codes = int(config["codebook_levels"]), int(config["codebook_size"])
-        self.distance = config["codebook_distance"]
-        self.llm_alignment = bool(config["llm_alignment"])
         self.neg_ratio = int(config["neg_ratio"])
         self.beam_size = int(config["beam_size"])
+        self.tca_alpha = float(config["tca_alpha"] or 0)
 
         # item text (fails here, naming the field, if the dataset lacks it) and the training split
-        texts = load_item_texts(config, dataset, separator="\t")
-        tokens = dataset.field2id_token[self.ITEM_ID]
-        self.titles = [t.split("\t")[0] if t else f"item {tokens[i]}" for i, t in enumerate(texts)]
-        self.descriptions = [", ".join(t.split("\t")[1:]) for t in texts]
+        self.titles, self.descriptions = item_texts(config, dataset)
         self._training_rows(dataset)
         self.reviews = self._training_reviews(config, dataset)
 
-        # the LLM with N x C new code tokens (trainable rows, saved with the LoRA adapters)
-        self.llm, self.tokenizer = load_llm(config, new_tokens=code_tokens(self.levels, self.n_codes))
-        self.code_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(code_tokens(self.levels, self.n_codes)))
-        self.code_ids = self.code_ids.view(self.levels, self.n_codes)
-        self.eos = self.tokenizer.eos_token_id
-
-        # define layers: CF embeddings, codebooks, the LLM-alignment target, codes per item
+        # the LLM with N x C new code tokens (trainable rows, saved with the LoRA adapters); stages 1-4
+        levels, codes = int(config["codebook_levels"]), int(config["codebook_size"])
+        self.llm, self.tokenizer = load_llm(config, new_tokens=code_tokens(levels, codes))
         self.cf = CFBackbone(config, dataset, config["cf_backbone"])  # the frozen backbone once stage 1 ran
-        self.cf_dim = cf_dim = self.cf.embedding_size
-        hidden = input_embedding(self.llm).weight.shape[1]
-        self.register_buffer("item_emb", torch.zeros(self.n_items, cf_dim))
-        self.register_buffer("llm_emb", torch.zeros(self.n_items, hidden), persistent=False)  # E^LLM, stage 3 only
-        self.register_buffer("text_to_cf", torch.zeros(hidden + 1, cf_dim))  # ridge map E^LLM (+ 1) -> CF space
-        self.register_buffer("item_codes", torch.zeros(self.n_items, self.levels, dtype=torch.long))
-        self.quantizer = ResidualQuantizer(cf_dim, self.levels, self.n_codes, self.distance,
-                                           encoder_decoder=config["tokenization"] == "ed")
-        self.llm_align = nn.Linear(cf_dim, hidden)  # codes -> LLM input space, for L^L
-        self.trie = None
-        self.collision_rate = None
-        self.new_item_codes = {}  # items added after training (internal ids from n_items on): their codes
+        self.init_semantic_ids(config, self.cf, (self.titles, self.descriptions))
         self.valid_items, self.decoded_items = 0, 0  # constrained decoding: valid items / decoded sequences
+
+        # TCA4Rec's soft-label loss on the sequential task's code tokens (plug-and-play; its trie is set in stage 4)
+        self.alignment = SoftLabelLoss(None, self.tca_alpha, config["tca_loss"]) if self.tca_alpha > 0 else None
 
         # templates (YAML)
         self.templates = {name: PromptTemplate(config[f"{name}_template"], self.tokenizer)
@@ -146,16 +125,13 @@ class AlignTokenRec(TopKRanked, LLMRecommender, SequentialRecommender):
     # ----- options and data ------------------------------------------------------------------------------------
     @staticmethod
     def _check_options(config):
-        if config["tokenization"] not in TOKENIZATIONS:
-            raise ConfigError(f"tokenization: unknown '{config['tokenization']}' (choose from align, ed)")
-        if config["code_token_init"] not in TOKEN_INITS:
-            raise ConfigError(f"code_token_init: unknown '{config['code_token_init']}' "
-                              f"(choose from {', '.join(TOKEN_INITS)})")
-        for key, low, high in (("codebook_levels", 1, 26), ("codebook_size", 2, None), ("beam_size", 1, None),
-                               ("neg_ratio", 0, None)):
+        for key, low, high in (("beam_size", 1, None), ("neg_ratio", 0, None)):
             value = config[key]
             if not isinstance(value, int) or value < low or (high and value > high):
                 raise ConfigError(f"{key}: must be an integer in [{low}, {high or 'inf'}], got {value!r}")
+        alpha = config["tca_alpha"] or 0
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 <= alpha <= 1:
+            raise ConfigError(f"tca_alpha: must be a number in [0, 1], got {config['tca_alpha']!r}")
         if config["MAX_ITEM_LIST_LENGTH"] > 20:
             logger.warning("MAX_ITEM_LIST_LENGTH > 20: the paper caps the history at 20 items")
 
@@ -205,117 +181,14 @@ class AlignTokenRec(TopKRanked, LLMRecommender, SequentialRecommender):
 
     # ----- stages -------------------------------------------------------------------------------------------
     def stages(self):
-        tokenization_keys = ["codebook_levels", "codebook_size", "codebook_distance", "tokenization",
-                             "kmeans_iters", "item_text_fields", "item_text_separator"]
-        return [
-            self.cf.stage(on_load=self.load_cf),
-            Stage("codebook_init", self.init_codebooks, self.load_codebooks, tokenization_keys, uses_llm=True),
-            TrainStage("alignment_tokenization", modules=["quantizer", "llm_align"], batches=self.item_batches,
-                       loss=self.tokenization_loss, epochs="codebook_epochs", learning_rate="codebook_learning_rate",
-                       uses_llm=False, config_keys=tokenization_keys + ["llm_alignment", "codebook_batch_size"]),
-            Stage("item_codes", self.assign_codes, self.load_codes, tokenization_keys),
-        ]
+        """Stages 1-4: cf_pretrain, codebook_init, alignment_tokenization, item_codes (``model/semantic_ids.py``)."""
+        return self.semantic_id_stages()
 
     def final_stage(self):
         """Stage 5: LoRA SFT on the alignment tasks (LoRA and the code-token rows train), RecBole's loop."""
         return TrainStage("alignment_tasks", modules=["llm"], batches=self.task_batches, loss=self.calculate_loss)
 
-    # Stage 1: the CF backbone's item embeddings, Emb(r_i) (``model/backbone.py``).
-    def load_cf(self):
-        self.item_emb.copy_(self.cf.embeddings()[1])
-
-    # Stage 2: E^LLM (centred), the text -> CF map, k-means initialisation of each level.
-    def item_llm_embeddings(self, items=None, texts=None):
-        """E^LLM: mean of the LLM's input embeddings over the tokens of each item's title and description."""
-        if texts is None:
-            texts = [self._item_text(i) for i in items]
-        return encode_texts(self.llm, self.tokenizer, texts, layer="input", show_progress=False,
-                            max_length=self.config["max_text_tokens"])
-
-    def _item_text(self, item):
-        return f"{self.titles[item]} {self.descriptions[item]}".strip()
-
-    def init_codebooks(self, trainer, train_data, valid_data):
-        items = torch.arange(1, self.n_items)
-        llm_emb = self.item_llm_embeddings(items.tolist())
-        cf = self.item_emb[items].cpu()
-        x = torch.cat([llm_emb, torch.ones(len(llm_emb), 1)], 1)  # ridge: E^LLM -> Emb(r_i), for text-only items
-        ridge = torch.linalg.solve(x.T @ x + float(self.config["ridge_lambda"]) * torch.eye(x.shape[1]), x.T @ cf)
-        with torch.random.fork_rng():
-            torch.manual_seed(self.config["seed"])
-            quantizer = ResidualQuantizer(self.cf_dim, self.levels, self.n_codes, self.distance,
-                                          encoder_decoder=self.quantizer.encoder is not None)
-            quantizer.init_kmeans(cf, int(self.config["kmeans_iters"]), seed=int(self.config["seed"]))
-        centred = torch.cat([torch.zeros(1, llm_emb.shape[1]), llm_emb - llm_emb.mean(0)])
-        return {"quantizer": quantizer.state_dict(), "llm_emb": centred, "text_to_cf": ridge}
-
-    def load_codebooks(self, artifact):
-        self.quantizer.load_state_dict(artifact["quantizer"])
-        self.llm_emb = artifact["llm_emb"].to(self.item_emb.device)
-        self.text_to_cf.copy_(artifact["text_to_cf"])
-
-    # Stage 3: the codebooks train on L^B + L^L (eqs. 1-4), in fp32.
-    def item_batches(self, train_data, epoch):
-        generator = torch.Generator().manual_seed(int(self.config["seed"]) * 1000 + epoch)
-        items = torch.randperm(self.n_items - 1, generator=generator) + 1
-        return list(items.split(int(self.config["codebook_batch_size"])))
-
-    def tokenization_loss(self, items):
-        """(L^B, L^L[, L^rec]) averaged over the batch's items, each summed over the N levels (eq. 3)."""
-        items = items.to(self.device)
-        x = self.item_emb[items]
-        _, inputs, chosen, _ = self.quantizer(x)
-        behaviour = paired_distance(inputs.detach(), chosen, self.distance).sum(1).mean()  # L^B
-        target = self.llm_emb[items].unsqueeze(1).expand(-1, self.levels, -1)
-        llm = paired_distance(self.llm_align(chosen), target, self.distance).sum(1).mean()  # L^L
-        if not self.llm_alignment:
-            llm = llm.detach()  # w/o AM: reported, not trained
-        losses = (behaviour, llm)
-        if self.quantizer.decoder is not None:  # ED: RQ-VAE's commitment and reconstruction
-            commit = paired_distance(inputs, chosen.detach(), self.distance).sum(1).mean()
-            quantized = inputs[:, 0] + (chosen.sum(1) - inputs[:, 0]).detach()  # straight-through
-            recon = (self.quantizer.decoder(quantized) - x).pow(2).sum(-1).mean()
-            losses += (0.25 * commit + recon,)
-        return losses
-
-    # Stage 4: codes per item, collisions resolved; the trie.
-    @torch.no_grad()
-    def assign_codes(self, trainer, train_data, valid_data):
-        codes, _, _, distances = self.quantizer(self.item_emb[1:])
-        rate = collision_rate(codes)
-        unique = resolve_collisions(codes.cpu(), distances.cpu())
-        logger.info(f"alignment tokenization: {self.levels} x {self.n_codes} codes, collision rate "
-                    f"{100 * rate:.2f}% before resolution, {len(unique)} unique sequences")
-        return {"codes": torch.cat([unique.new_zeros(1, self.levels), unique]), "collision_rate": rate}
-
-    def load_codes(self, artifact):
-        self.item_codes.copy_(artifact["codes"])
-        self.collision_rate = artifact["collision_rate"]
-        self.trie = ItemTrie({i: self.item_token_ids(i) for i in range(1, self.n_items)}, self.eos)
-        if self.config["code_token_init"] != "none":
-            self._init_code_rows(int(self.config["code_token_init"][-1]))
-
-    @torch.no_grad()
-    def _init_code_rows(self, layers):
-        """Table 7: new rows = an MLP (``layers`` linear layers, ReLU between) of each code's codebook vector."""
-        hidden = input_embedding(self.llm).weight.shape[1]
-        with torch.random.fork_rng():
-            torch.manual_seed(self.config["seed"])
-            widths = [self.cf_dim] + [hidden] * layers
-            mlp = nn.Sequential(*[m for a, b in zip(widths, widths[1:]) for m in (nn.Linear(a, b), nn.ReLU())][:-1])
-        rows = mlp(self.quantizer.codebooks.detach().float().cpu().reshape(-1, self.cf_dim))
-        base = input_embedding(self.llm).weight
-        rows = (rows - rows.mean()) / rows.std().clamp(min=1e-8) * base.float().std() + base.float().mean()
-        deltas = [p for n, p in self.llm.named_parameters() if "trainable_tokens_delta" in n]
-        for delta in deltas:
-            delta.copy_(rows.to(delta.device, delta.dtype))
-
     # ----- prompts --------------------------------------------------------------------------------------------
-    def item_token_ids(self, item):
-        """The LLM token ids of an item's N codes."""
-        codes = self.new_item_codes[item] if item >= self.n_items else self.item_codes[item].cpu()
-        return self.code_ids[torch.arange(self.levels), codes].tolist()
-
     def history_ids(self, items):
         ids = []
         for n, item in enumerate(items[-self.max_seq_length:]):
@@ -367,8 +240,29 @@ class AlignTokenRec(TopKRanked, LLMRecommender, SequentialRecommender):
         self.ranking.clear()  # RecBole's restore_* idiom: the weights are about to change
         prompts = [self.encode_sample(s) for s in batch]
         answers = [self.item_token_ids(s[3]) + [self.eos] for s in batch]
-        input_ids, attention, labels = answer_batch(prompts, answers, self.tokenizer.pad_token_id)
-        return causal_lm_loss(self.llm, input_ids.to(self.device), attention.to(self.device), labels.to(self.device))
+        if self.alignment is None:
+            input_ids, attention, labels = answer_batch(prompts, answers, self.tokenizer.pad_token_id)
+            return causal_lm_loss(self.llm, input_ids.to(self.device), attention.to(self.device),
+                                  labels.to(self.device))
+        # TCA4Rec's soft labels on the sequential task's code tokens (the backbone as teacher), one-hot elsewhere
+        logits = answer_logits(self.llm, prompts, answers, self.tokenizer.pad_token_id, self.device)
+        soft = torch.tensor([s[0] == "seq" for s in batch])
+        cf_scores = torch.zeros(len(batch), self.n_items, device=self.device)
+        if soft.any():
+            rows = [s for s in batch if s[0] == "seq"]
+            cf_scores[soft.to(self.device)] = self.teacher_logits([s[4] for s in rows], [s[2] for s in rows])
+        return self.alignment(logits, answer_targets(answers).to(self.device), cf_scores, soft.to(self.device))
+
+    def teacher_logits(self, users, histories):
+        """The backbone's item scores (B, n_items) for training rows given as users and histories (RecBole's
+        ``full_sort_predict`` on an Interaction with the user and, for a sequential backbone, the history)."""
+        seqs = torch.zeros(len(histories), self.max_seq_length, dtype=torch.long)
+        for row, history in enumerate(histories):
+            history = history[-self.max_seq_length:]
+            seqs[row, :len(history)] = torch.tensor(history)
+        lengths = torch.tensor([min(len(h), self.max_seq_length) for h in histories])
+        batch = Interaction({self.USER_ID: torch.as_tensor(users), self.ITEM_SEQ: seqs, self.ITEM_SEQ_LEN: lengths})
+        return self.cf.logits(batch).float()
 
     # ----- inference -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -423,9 +317,3 @@ class AlignTokenRec(TopKRanked, LLMRecommender, SequentialRecommender):
         self.trie.add(item, self.item_token_ids(item))
         self.ranking.clear()
         return item
-
-    def load_state_dict(self, state_dict, strict=True, assign=False):
-        result = super().load_state_dict(state_dict, strict=strict, assign=assign)  # clears the ranking cache
-        if self.trie is None and self.item_codes[1:].any():  # a reloaded checkpoint: rebuild the trie
-            self.trie = ItemTrie({i: self.item_token_ids(i) for i in range(1, self.n_items)}, self.eos)
-        return result

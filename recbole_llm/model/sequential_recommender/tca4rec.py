@@ -22,8 +22,14 @@ Inference: beam search constrained by the item trie (``num_beams`` >= max(topk))
 scored on the LLM's raw log-probabilities (``temperature`` and ``msl`` shape the training loss only; the trie
 already restricts every step to real items).
 
-Item identifiers: ``item_identifier: title``. ``semantic_id`` (AlignTokenRec's codebook codes) is not available
-yet: that model's codebooks are not in this package.
+Item identifiers (``item_identifier``):
+  - ``title``: the unique titles above, a trie over their tokens.
+  - ``semantic_id``: AlignTokenRec's alignment tokenization (``model/semantic_ids.py``, the same code): N x C new
+    code tokens; stages cf_pretrain of ``codebook_backbone`` (DCCF, as AlignTokenRec; shared with the teacher's
+    stage when they are the same model), codebook_init, alignment_tokenization and item_codes run before the final
+    stage. The prompt shows the history items' code tokens, the target is the next item's N codes then EOS, and the
+    trie is over code sequences: the collaborative tokenizer's P_cf,t works unchanged (the subtree under the
+    ground-truth code prefix).
 """
 import numpy as np
 import pandas as pd
@@ -34,13 +40,15 @@ from recbole.utils import InputType
 from recbole_llm.data.item_text import load_item_texts
 from recbole_llm.data.prompts import collate
 from recbole_llm.errors import ConfigError
-from recbole_llm.llm import ItemTrie, beam_search_items, last_hidden_states, load_llm
-from recbole_llm.llm.alignment import IGNORE, SoftLabelLoss
+from recbole_llm.llm import ItemTrie, beam_search_items, load_llm
+from recbole_llm.llm.alignment import SoftLabelLoss, answer_targets
 from recbole_llm.llm.generation import chat_prompt
 from recbole_llm.llm.precision import autocast_context
+from recbole_llm.llm.scoring import answer_logits
 from recbole_llm.model.abstract import LLMRecommender, TrainStage
 from recbole_llm.model.backbone import CFBackbone
 from recbole_llm.model.ranking import Ranking, TopKRanked
+from recbole_llm.model.semantic_ids import SemanticIDs, code_tokens, item_texts
 
 BACKBONES = {"SASRec": "SASRec", "MF": "BPR", "BPR": "BPR", "LightGCN": "LightGCN", "DCCF": "DCCF"}
 IDENTIFIERS = ("title", "semantic_id")
@@ -60,7 +68,7 @@ def unique_titles(titles, ids):
     return out
 
 
-class TCA4Rec(TopKRanked, LLMRecommender, SequentialRecommender):
+class TCA4Rec(SemanticIDs, TopKRanked, LLMRecommender, SequentialRecommender):
     input_type = InputType.POINTWISE
 
     def __init__(self, config, dataset):
@@ -72,20 +80,31 @@ class TCA4Rec(TopKRanked, LLMRecommender, SequentialRecommender):
         self.history_len = int(config["history_len"])
         self.num_beams = int(config["num_beams"])
         self.alpha = float(config["alpha"])
+        self.identifier = config["item_identifier"]
 
-        # the LLM with LoRA, and the items as unique titles in a trie (each title ends with EOS)
-        self.llm, self.tokenizer = load_llm(config)
-        fields = config["title_fields"] or list(config["item_text_fields"] or [])[:1]
-        texts = load_item_texts(config, dataset, fields=fields)
-        self.titles = [""] + unique_titles(texts[1:], dataset.field2id_token[self.ITEM_ID][1:])
-        self.trie = ItemTrie.from_texts({i: self.titles[i] for i in range(1, self.n_items)}, self.tokenizer)
+        # the CF backbone: the collaborative tokenizer's teacher
+        self.cf = CFBackbone(config, dataset, BACKBONES[config["cf_backbone"]]) if self.alpha > 0 else None
+
+        # the LLM with LoRA, and the items as token sequences in a trie (each ends with EOS)
+        if self.identifier == "title":  # unique titles
+            self.llm, self.tokenizer = load_llm(config)
+            fields = config["title_fields"] or list(config["item_text_fields"] or [])[:1]
+            texts = load_item_texts(config, dataset, fields=fields)
+            self.titles = [""] + unique_titles(texts[1:], dataset.field2id_token[self.ITEM_ID][1:])
+            self.trie = ItemTrie.from_texts({i: self.titles[i] for i in range(1, self.n_items)}, self.tokenizer)
+        else:  # AlignTokenRec's semantic IDs: N x C new code tokens; the trie once the item_codes stage ran
+            levels, codes = int(config["codebook_levels"]), int(config["codebook_size"])
+            self.llm, self.tokenizer = load_llm(config, new_tokens=code_tokens(levels, codes))
+            name = BACKBONES.get(config["codebook_backbone"], config["codebook_backbone"])
+            same = self.cf is not None and self.cf.name == name
+            self.init_semantic_ids(config, self.cf if same else CFBackbone(config, dataset, name),
+                                   item_texts(config, dataset))
         prompt = chat_prompt(self.tokenizer, config["prompt"], config["system_prompt"])
         if prompt.count("{history}") != 1:
             raise ConfigError("prompt: must contain {history} exactly once")
         self.prompt_head, self.prompt_tail = prompt.split("{history}")
 
-        # the CF backbone (the collaborative tokenizer's teacher) and the soft-label loss
-        self.cf = CFBackbone(config, dataset, BACKBONES[config["cf_backbone"]]) if self.alpha > 0 else None
+        # the soft-label loss
         self.alignment = SoftLabelLoss(self.trie, self.alpha, config["tca_loss"], config["temperature"],
                                        config["msl"])
         self.ranking = Ranking(config, dataset, self._score)  # top-K cache, cleared in calculate_loss
@@ -94,10 +113,8 @@ class TCA4Rec(TopKRanked, LLMRecommender, SequentialRecommender):
     @staticmethod
     def _check_options(config):
         if config["item_identifier"] not in IDENTIFIERS:
-            raise ConfigError(f"item_identifier: unknown '{config['item_identifier']}' (choose from title)")
-        if config["item_identifier"] == "semantic_id":
-            raise ConfigError("item_identifier: semantic_id needs AlignTokenRec's codebooks, which this package "
-                              "does not have yet; use title")
+            raise ConfigError(f"item_identifier: unknown '{config['item_identifier']}' (choose from "
+                              f"{', '.join(IDENTIFIERS)})")
         if config["cf_backbone"] not in BACKBONES:
             raise ConfigError(f"cf_backbone: unknown '{config['cf_backbone']}' (choose from SASRec, MF, LightGCN, "
                               "DCCF)")
@@ -113,7 +130,16 @@ class TCA4Rec(TopKRanked, LLMRecommender, SequentialRecommender):
 
     # ----- stages -------------------------------------------------------------------------------------------
     def stages(self):
-        return [] if self.cf is None else [self.cf.stage()]  # 1. cf_pretrain
+        if self.identifier == "title":
+            return [] if self.cf is None else [self.cf.stage()]  # 1. cf_pretrain
+        # semantic IDs: the codebook backbone's item embeddings, then the codebook stages (model/semantic_ids.py)
+        if self.code_cf is self.cf:
+            backbone = [self.cf.stage(on_load=self.load_cf)]
+        else:
+            backbone = [] if self.cf is None else [self.cf.stage()]
+            backbone.append(self.code_cf.stage(on_load=self.load_cf, name="codebook_cf_pretrain",
+                                               backbone_key="codebook_backbone"))
+        return backbone + self.semantic_id_stages(backbone_stage=False)
 
     def final_stage(self):
         """2. Soft label alignment: LoRA trained by RecBole's loop (validation, early stopping)."""
@@ -131,35 +157,24 @@ class TCA4Rec(TopKRanked, LLMRecommender, SequentialRecommender):
         return [feat[torch.from_numpy(rows[i:i + size])] for i in range(0, len(rows), size)]
 
     # ----- prompts and the soft-label loss ------------------------------------------------------------------
+    def item_name(self, item):
+        """An item as the prompt shows it: its title, or its code tokens (``<a_3><b_0>...``)."""
+        return self.titles[item] if self.identifier == "title" else self.item_code_text(item)
+
     def prompts(self, interaction):
-        """Token ids of each row's prompt: its last ``history_len`` titles, most recent last."""
+        """Token ids of each row's prompt: its last ``history_len`` items, most recent last."""
         seqs, lens = interaction[self.ITEM_SEQ].tolist(), interaction[self.ITEM_SEQ_LEN].tolist()
         texts = [self.prompt_head + self.config["history_separator"].join(
-            self.titles[i] for i in seq[:n][-self.history_len:]) + self.prompt_tail for seq, n in zip(seqs, lens)]
+            self.item_name(i) for i in seq[:n][-self.history_len:]) + self.prompt_tail for seq, n in zip(seqs, lens)]
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-
-    def target_logits(self, prompts, answers):
-        """Vocabulary logits (B, L, V) that predict each answer token (answers right-padded to L) after its prompt;
-        the LM head runs on the answer positions only."""
-        input_ids, attention, _, _, _ = collate([(p + a, [], {}) for p, a in zip(prompts, answers)],
-                                                self.tokenizer.pad_token_id, "left")
-        hidden = last_hidden_states(self.llm, input_ids.to(self.device), attention.to(self.device))
-        total, width = hidden.shape[1], max(map(len, answers))
-        lengths = torch.tensor([len(a) for a in answers], device=self.device)
-        # answer token t of row b sits at total - len_b + t; the state before it predicts it
-        index = (total - lengths.unsqueeze(1) - 1 + torch.arange(width, device=self.device)).clamp(max=total - 1)
-        hidden = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        return self.llm.get_output_embeddings()(hidden)
 
     def calculate_loss(self, interaction):
         self.ranking.clear()  # RecBole's restore_* idiom: the weights are about to change
-        answers = [self.trie.tokens(i) for i in interaction[self.POS_ITEM_ID].tolist()]
-        logits = self.target_logits(self.prompts(interaction), answers)
-        targets = torch.full(logits.shape[:2], IGNORE, dtype=torch.long)
-        for row, tokens in enumerate(answers):
-            targets[row, :len(tokens)] = torch.tensor(tokens)
+        answers = [self.trie.tokens(i) for i in interaction[self.POS_ITEM_ID].tolist()]  # the item's tokens + EOS
+        logits = answer_logits(self.llm, self.prompts(interaction), answers, self.tokenizer.pad_token_id,
+                               self.device)
         cf_scores = self.cf.logits(interaction) if self.cf is not None else None  # s_u (B, n_items)
-        return self.alignment(logits, targets.to(self.device), cf_scores)  # q_t and the soft NTP loss
+        return self.alignment(logits, answer_targets(answers).to(self.device), cf_scores)  # q_t and soft NTP
 
     # ----- inference ----------------------------------------------------------------------------------------
     @torch.no_grad()
