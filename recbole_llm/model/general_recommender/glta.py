@@ -30,11 +30,12 @@ GLLM head (``gllm_init``):
 Inference (``inference``): ``glta`` reads the ranking off the first k slots (slot t places its best item not
 yet placed nor masked); ``fl`` places the top-k items of slot 1; ``ar`` feeds the item token chosen
 at slot t-1 as the input of slot t (autoregressive); ``mean`` places the top-k items of the mean
-log-probability over all k slots (and uses it as the fallback score). Placement skips the items this evaluation masks (training
-items at validation, training + validation items at test). Scores for RecBole's full ranking come from
-``recbole_llm.model.ranking`` (the same rule for every variant): the k placed items first in slot order, then
-the best log-softmax over the slots (``mean``: the mean) of the next items up to ``ranking_top_k``, every other
-item tied below.
+log-probability over all k slots (and uses it as the fallback score). Placement skips the items this
+evaluation masks (training items at validation, training + validation items at test). Scores for RecBole's
+full ranking come from ``recbole_llm.model.ranking`` (the same rule for every variant): the k placed items
+first in slot order, then the best log-softmax over the slots (``mean``: the mean) of the next items up to
+``ranking_top_k``, every other item tied below. The slot states of the inference prompts are kept while what
+feeds the LLM is unchanged, so a test pass after a validation of the same weights runs no second LLM pass.
 
 Cross-fitting (``cross_fit: f``, 0 = off): eq. 3's targets should be items the backbone has not fitted. The
 backbone is then trained on a copy of the training split without a held-out fraction f of each user's items
