@@ -138,8 +138,9 @@ def test_model_loss_at_alpha_zero_is_the_llms_own_loss(base):
     assert ours.item() == pytest.approx(total / count, abs=1e-5)
 
 
-def test_constrained_beam_search_emits_only_real_items(base):
-    config, model, _, _, test = base
+@pytest.mark.parametrize("identifier", ["base", "semantic"])  # titles, AlignTokenRec's code tokens
+def test_constrained_beam_search_emits_only_real_items(request, identifier):
+    config, model, _, _, test = request.getfixturevalue(identifier)
     model.eval()
     batch = next(iter(test))[0]
     items, dense = model._score(batch, None)
@@ -229,13 +230,3 @@ def test_semantic_id_trains_one_step_and_evaluates(semantic):
     trainer.fit(train, valid, saved=False)
     result = trainer.evaluate(test, load_best_model=False)
     assert set(result) >= {"hit@1", "hit@10", "ndcg@10"} and 0 <= result["hit@10"] <= 1
-
-
-def test_semantic_id_beam_search_emits_only_real_items(semantic):
-    _, model, _, _, test = semantic
-    model.eval()
-    batch = next(iter(test))[0]
-    items, dense = model._score(batch, None)
-    assert dense is None and items.shape == (len(batch), model.num_beams)
-    assert ((items >= 1) & (items < model.n_items)).all()
-    assert all(len(set(row)) == len(row) for row in items.tolist())

@@ -70,13 +70,6 @@ def _shared_head(texts):
     return texts[0][:cut], [t[cut:] for t in texts]
 
 
-def _left_pad(rows, pad_id, device):
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-    return ids, mask
-
-
 def generate_text_variants(llm, tokenizer, rows, max_new_tokens=32, batch_size=16, desc="Generate", use_chat=True,
                            show_progress=True, system=None):
     """Greedy completions of several prompts per row that begin alike (e.g. two questions about one user's
@@ -97,26 +90,31 @@ def generate_text_variants(llm, tokenizer, rows, max_new_tokens=32, batch_size=1
         heads.append(head)
         tails.append(rest)
     device = next(llm.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     order = sorted(range(len(rows)), key=lambda i: len(heads[i]) + sum(map(len, tails[i])))
     outputs = [[""] * len(rows) for _ in range(len(texts[0]) if texts else 0)]
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc=desc, ncols=100, disable=not show_progress):
-        cache, head_mask = None, torch.zeros(len(batch), 0, dtype=torch.long, device=device)
-        if any(heads[i] for i in batch):
-            ids, head_mask = _left_pad([heads[i] for i in batch], pad_id, device)
-            positions = (head_mask.cumsum(-1) - 1).clamp(min=0)
-            with torch.no_grad():
-                out = decoder(llm)(input_ids=ids, attention_mask=head_mask, position_ids=positions, use_cache=True)
-            cache = getattr(out, CACHE_KWARG)
-        for variant, texts_out in enumerate(outputs):
-            ids, mask = _left_pad([tails[i][variant] for i in batch], pad_id, device)
-            new = greedy_decode(llm, ids, torch.cat([head_mask, mask], 1), max_new_tokens, tokenizer.eos_token_id,
-                                pad_id, cache=cache)
-            if cache is not None:  # back to the shared beginning (a negative crop: every transformers version)
-                cache.crop(head_mask.shape[1] - cache.get_seq_length())
-            for i, row in zip(batch, tokenizer.batch_decode(new, skip_special_tokens=True)):
-                texts_out[i] = " ".join(row.split())
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        for batch in tqdm(batches, desc=desc, ncols=100, disable=not show_progress):
+            cache, head_mask = None, torch.zeros(len(batch), 0, dtype=torch.long, device=device)
+            if any(heads[i] for i in batch):
+                head = tokenizer.pad({"input_ids": [heads[i] for i in batch]}, return_tensors="pt").to(device)
+                head_mask = head["attention_mask"]
+                positions = (head_mask.cumsum(-1) - 1).clamp(min=0)
+                with torch.no_grad():
+                    out = decoder(llm)(input_ids=head["input_ids"], attention_mask=head_mask, position_ids=positions,
+                                       use_cache=True)
+                cache = getattr(out, CACHE_KWARG)
+            for variant, texts_out in enumerate(outputs):
+                tail = tokenizer.pad({"input_ids": [tails[i][variant] for i in batch]}, return_tensors="pt").to(device)
+                new = greedy_decode(llm, tail["input_ids"], torch.cat([head_mask, tail["attention_mask"]], 1),
+                                    max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, cache=cache)
+                if cache is not None:  # back to the shared beginning (a negative crop: every transformers version)
+                    cache.crop(head_mask.shape[1] - cache.get_seq_length())
+                for i, row in zip(batch, tokenizer.batch_decode(new, skip_special_tokens=True)):
+                    texts_out[i] = " ".join(row.split())
+    finally:
+        tokenizer.padding_side = padding_side
     return outputs
 
 

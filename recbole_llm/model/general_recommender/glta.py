@@ -461,9 +461,7 @@ class GLTA(TopKRanked, LLMRecommender, GeneralRecommender):
         if missing:
             states = self._slot_states([self._user_prompt(u, self._inference_history(u)) for u in missing])
             if self.n_users * states[0].numel() * states.element_size() > self.STATE_CACHE_BYTES:
-                self._states_key = None  # too many users to keep: computed for this batch only
-                return states if len(missing) == len(users) else self._slot_states(
-                    [self._user_prompt(u, self._inference_history(u)) for u in users])
+                return states  # too many users to keep: nothing is ever kept, so ``missing`` is ``users``
             self._states.update(zip(missing, states))
         return torch.stack([self._states[u] for u in users])
 
