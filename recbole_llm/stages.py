@@ -22,7 +22,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 from recbole.utils import init_seed, set_color
@@ -66,6 +66,9 @@ class TrainStage(Stage):
     ``batches``: ``None`` trains on RecBole's train dataloader (Interactions); a model may build its own batches
     (e.g. prompts per user). ``loss`` may return a tuple of losses: they are summed and logged part by part.
     ``autocast``: run the loss in the LLM's dtype (LLM stages); non-LLM stages train in fp32.
+    ``module_learning_rates``: ``{module: config key or number}``, a learning rate of their own for some of the
+    ``modules`` (their own optimizer parameter group); a key whose value is null leaves the module at
+    ``learning_rate``.
     """
 
     build: Optional[Callable] = None
@@ -77,6 +80,7 @@ class TrainStage(Stage):
     learning_rate: Any = "learning_rate"
     uses_llm: bool = True
     autocast: Optional[bool] = None
+    module_learning_rates: Dict[str, Any] = field(default_factory=dict)
 
     trains = True
 
@@ -85,14 +89,24 @@ class TrainStage(Stage):
             self.autocast = self.uses_llm
 
     def setting(self, config, name):
-        value = getattr(self, name)
-        return config[value] if isinstance(value, str) else value
+        return self._value(config, getattr(self, name))
+
+    @staticmethod
+    def _value(config, value):
+        return (config[value] if value in config else None) if isinstance(value, str) else value
+
+    def learning_rates(self, config):
+        """``{module: learning rate}`` of the modules that do not train at ``learning_rate``."""
+        rates = {name: self._value(config, value) for name, value in self.module_learning_rates.items()}
+        return {name: float(rate) for name, rate in rates.items() if rate is not None}
 
     def key_values(self, config):
         values = super().key_values(config)
         values.update({k: (config[k] if k in config else None) for k in TRAINER_KEYS})
         values.update(epochs=self.setting(config, "epochs"), learning_rate=self.setting(config, "learning_rate"),
                       modules=list(self.modules))
+        if self.learning_rates(config):
+            values["module_learning_rates"] = self.learning_rates(config)
         return values
 
 

@@ -114,6 +114,20 @@ def test_a_cached_train_stage_reloads_what_it_trained(tiny_data, tmp_path, caplo
     assert torch.equal(again.item_embedding.weight, trained)
 
 
+def test_a_module_learning_rate_gets_its_own_parameter_group_and_key(tiny_data, tmp_path):
+    config, model, train, valid, _ = _setup(tiny_data, tmp_path, bias_lr=0.5)
+    stage = TrainStage("warm", modules=["user_embedding", "item_bias"], loss=model.calculate_loss,
+                       module_learning_rates={"item_bias": "bias_lr", "user_embedding": "not_set"})
+    trainer = LLMTrainer(config, model)
+    groups = trainer._stage_optimizer(stage).param_groups
+    assert [(g["lr"], [id(p) for p in g["params"]]) for g in groups] == [
+        (config["learning_rate"], [id(model.user_embedding.weight)]), (0.5, [id(model.item_bias.weight)])]
+    assert stage.key_values(config)["module_learning_rates"] == {"item_bias": 0.5}
+    config["bias_lr"] = None  # null: everything at learning_rate, one group, the same key as without the option
+    assert len(trainer._stage_optimizer(stage).param_groups) == 1
+    assert "module_learning_rates" not in stage.key_values(config)
+
+
 def _key(config, model, train, stage_name, **changes):
     for key, value in changes.items():
         config[key] = value

@@ -53,11 +53,8 @@ class LLMTrainer(Trainer):
         # Seed the final stage: a run resumed from cached stages trains exactly like an uninterrupted one.
         init_seed(self.config["seed"] + self.config["local_rank"], self.config["reproducibility"])
         self.final = self.model.final_stage()
-        params = self.model.set_trainable(self.final.modules)
-        self._rewrap_distributed()
         self.epochs = self.final.setting(self.config, "epochs")
-        self.optimizer = self._build_optimizer(params=params,
-                                               learning_rate=self.final.setting(self.config, "learning_rate"))
+        self.optimizer = self._stage_optimizer(self.final)
         self.optimizer_steps = 0
         if valid_data and self.config["eval_before_training"]:
             self._evaluate_start(valid_data, verbose, saved, show_progress)
@@ -75,9 +72,7 @@ class LLMTrainer(Trainer):
 
     def train_stage(self, stage, train_data):
         """Train a ``TrainStage``; returns its artifact (the tensors it trained)."""
-        params = self.model.set_trainable(stage.modules)
-        self._rewrap_distributed()
-        optimizer = self._build_optimizer(params=params, learning_rate=stage.setting(self.config, "learning_rate"))
+        optimizer = self._stage_optimizer(stage)
         saved_steps, self.optimizer_steps = self.optimizer_steps, 0
         for epoch in range(stage.setting(self.config, "epochs")):
             batches = train_data if stage.batches is None else stage.batches(train_data, epoch)
@@ -89,6 +84,20 @@ class LLMTrainer(Trainer):
                                             epoch)
         self.optimizer_steps = saved_steps
         return self.model.trained_state(stage.modules)
+
+    def _stage_optimizer(self, stage):
+        """Unfreeze the stage's modules; RecBole's optimizer over them, one parameter group per module with a
+        learning rate of its own (``TrainStage.module_learning_rates``) and one for the rest."""
+        params = self.model.set_trainable(stage.modules)
+        self._rewrap_distributed()
+        rates = stage.learning_rates(self.config)
+        if rates:
+            own = {name: [p for _, p in self.model.stage_parameters([name]) if p.requires_grad] for name in rates}
+            taken = {id(p) for group in own.values() for p in group}
+            groups = [{"params": [p for p in params if id(p) not in taken]}] + [
+                {"params": group, "lr": rates[name]} for name, group in own.items()]
+            params = [group for group in groups if group["params"]]
+        return self._build_optimizer(params=params, learning_rate=stage.setting(self.config, "learning_rate"))
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         final = self.final or self.model.final_stage()

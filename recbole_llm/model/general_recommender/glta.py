@@ -278,7 +278,7 @@ class GLTA(TopKRanked, LLMRecommender, GeneralRecommender):
         if not self.use_ia:
             modules.append("item_proj")
         return TrainStage("user_item_alignment", modules=modules, batches=self.train_batches,
-                          loss=self.calculate_loss)
+                          loss=self.calculate_loss, module_learning_rates={"head": "head_learning_rate"})
 
     # Stage 1: graph pretraining (the CF-backbone service's cf_pretrain stage, on backbone_split).
     def _cf_stage(self):
