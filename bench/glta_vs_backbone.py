@@ -168,7 +168,10 @@ def main():
         if "item_text_fields" not in overrides:
             overrides["item_text_fields"] = config["item_text_fields"]  # the sample has no dataset YAML
     rows = args.rows.split(",")
-    rows.sort(key=lambda r: r in INFERENCE or r == "backbone")  # they evaluate the default row's weights
+    if "default" in rows:  # the inference rows and 'backbone' evaluate the default row's weights: after it
+        after = [r for r in rows if r in INFERENCE or r == "backbone"]
+        rows = [r for r in rows if r not in after]
+        rows[rows.index("default") + 1:rows.index("default") + 1] = after
     per_seed = {seed: run_seed(args, dataset, int(seed), rows, overrides) for seed in args.seeds.split(",")}
     print(f"\n{dataset}, seeds {args.seeds}, overrides {overrides}\n")
     print(table(per_seed, rows))
