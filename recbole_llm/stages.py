@@ -28,6 +28,7 @@ import numpy as np
 from recbole.utils import init_seed, set_color
 
 from recbole_llm.compat import atomic_save, torch_load
+from recbole_llm.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +98,15 @@ class TrainStage(Stage):
 
     def learning_rates(self, config):
         """``{module: learning rate}`` of the modules that do not train at ``learning_rate``."""
-        rates = {name: self._value(config, value) for name, value in self.module_learning_rates.items()}
-        return {name: float(rate) for name, rate in rates.items() if rate is not None}
+        rates = {}
+        for name, key in self.module_learning_rates.items():
+            rate = self._value(config, key)
+            if rate is None:
+                continue
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate <= 0:
+                raise ConfigError(f"{key}: must be a positive number or null, got {rate!r}")
+            rates[name] = float(rate)
+        return rates
 
     def key_values(self, config):
         values = super().key_values(config)

@@ -101,8 +101,10 @@ def test_unknown_text_field_names_the_field(tiny_data, tmp_path):
 
 
 @pytest.mark.parametrize("key,value", [("inference", "beam"), ("cf_backbone", "NGCF"), ("gllm_k", 0),
-                                       ("gllm_init", "zeros"), ("cross_fit", 1.0)])
-def test_bad_options_name_the_option(tiny_data, tmp_path, key, value):
+                                       ("gllm_init", "zeros"), ("cross_fit", 1.0),
+                                       ("head_learning_rate", "fast")])
+def test_bad_options_name_the_option(tiny_data, tmp_path, key, value, monkeypatch):
+    monkeypatch.setattr(get_trainer("general", "GLTA"), "run_stages", lambda *a: pytest.fail("a stage ran"))
     config = tiny_config(tiny_data, checkpoint_dir=str(tmp_path / "saved"), **{key: value})
     with pytest.raises(ConfigError, match=key):
         run_recbole_llm("GLTA", "tiny", config_dict=config)
@@ -309,3 +311,12 @@ def test_the_test_pass_reuses_the_slot_states_of_a_validation_of_the_same_weight
     model.ranking.clear()
     trainer.evaluate(test, load_best_model=False, show_progress=False)
     assert sum(computed) == 3 * (model.n_users - 1)
+
+
+def test_head_learning_rate_gives_the_gllm_head_its_own_parameter_group(tiny_data, tmp_path):
+    cfg, model, *_ = _model(tiny_data, tmp_path, head_learning_rate=0.05)
+    trainer = get_trainer(cfg["MODEL_TYPE"], "GLTA")(cfg, model)
+    groups = trainer._stage_optimizer(model.final_stage()).param_groups
+    head = {id(p) for p in model.head.parameters()}
+    assert [g["lr"] for g in groups] == [cfg["learning_rate"], 0.05]
+    assert {id(p) for p in groups[1]["params"]} == head and not head & {id(p) for p in groups[0]["params"]}

@@ -49,6 +49,9 @@ class LLMTrainer(Trainer):
                 cache.run(stage, lambda: stage.build(self, train_data, valid_data), stage.load)
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        for stage in [*self.model.stages(), self.model.final_stage()]:  # bad learning rates fail before any stage
+            if stage.trains:
+                stage.learning_rates(self.config)
         self.run_stages(train_data, valid_data)
         # Seed the final stage: a run resumed from cached stages trains exactly like an uninterrupted one.
         init_seed(self.config["seed"] + self.config["local_rank"], self.config["reproducibility"])
