@@ -229,6 +229,15 @@ def test_tca_soft_labels_plug_into_the_sequential_task(tmp_path):
     assert zero == pytest.approx(plain, rel=1e-6) and zero_other == pytest.approx(plain_other, rel=1e-6)
     assert abs(soft - plain) > 1e-4
     assert soft_other == pytest.approx(plain_other, rel=1e-6)  # no sequential row: no soft label
-    with pytest.raises(ConfigError, match="tca_alpha"):
-        AlignTokenRec(Config("AlignTokenRec", "atr", config_dict=dict(
-            SMALL, data_path=root, checkpoint_dir=str(tmp_path / "saved"), tca_alpha=1.5)), train._dataset)
+    # TCA4Rec's MSL and temperature: the masked softmax only removes mass from tokens that continue no item
+    model.alignment.alpha, model.alignment.masked = 0.0, True
+    assert model.calculate_loss(batch).item() < plain - 1e-4
+    model.alignment.masked, model.alignment.temperature = False, 2.0
+    assert abs(model.calculate_loss(batch).item() - plain) > 1e-4
+    for key, value in (("tca_alpha", 1.5), ("tca_temperature", 0)):
+        with pytest.raises(ConfigError, match=key):
+            AlignTokenRec(Config("AlignTokenRec", "atr", config_dict=dict(
+                SMALL, data_path=root, checkpoint_dir=str(tmp_path / "saved"), **{key: value})), train._dataset)
+    msl_only = AlignTokenRec(Config("AlignTokenRec", "atr", config_dict=dict(
+        SMALL, data_path=root, checkpoint_dir=str(tmp_path / "saved"), tca_msl=True)), train._dataset)
+    assert msl_only.alignment.masked and msl_only.alignment.alpha == 0

@@ -203,6 +203,7 @@ def test_semantic_id_items_are_code_sequences(semantic):
     batch = next(iter(train))
     seq, n = batch[model.ITEM_SEQ][0].tolist(), int(batch[model.ITEM_SEQ_LEN][0])
     prompt = model.prompts(batch[:1])[0]
+    assert "item code only" in model.tokenizer.decode(prompt) and "title" not in model.tokenizer.decode(prompt)
     for item in seq[:n][-model.history_len:]:
         ids = model.item_token_ids(item)
         assert any(prompt[k:k + len(ids)] == ids for k in range(len(prompt)))

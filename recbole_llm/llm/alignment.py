@@ -38,16 +38,17 @@ class SoftLabelLoss(nn.Module):
         kind (str): ``mixture`` or ``soft_ce``.
         temperature (float): logits are divided by it before the softmax.
         masked (bool): masked softmax over the trie's children (MSL).
+        prefix (str): the prefix of the model's option names, for error lines (``tca_`` = ``tca_alpha``, ...).
     """
 
-    def __init__(self, trie, alpha=0.1, kind="mixture", temperature=1.0, masked=False):
+    def __init__(self, trie, alpha=0.1, kind="mixture", temperature=1.0, masked=False, prefix=""):
         super().__init__()
         if kind not in LOSSES:
             raise ConfigError(f"tca_loss: unknown '{kind}' (choose from {', '.join(LOSSES)})")
         if not 0.0 <= float(alpha) <= 1.0:
-            raise ConfigError(f"alpha: must be in [0, 1], got {alpha}")
-        if float(temperature) <= 0:
-            raise ConfigError(f"temperature: must be positive, got {temperature}")
+            raise ConfigError(f"{prefix}alpha: must be in [0, 1], got {alpha}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
+            raise ConfigError(f"{prefix}temperature: must be a positive number, got {temperature!r}")
         self.trie, self.alpha, self.kind = trie, float(alpha), kind
         self.temperature, self.masked = float(temperature), bool(masked)
 

@@ -23,7 +23,9 @@ Stages, in the paper's order (each cached by ``StageCache``; 1-4, the alignment 
                              ``llm/alignment.py``) the sequential task's code tokens take soft labels
                              q_t = (1 - tca_alpha) onehot(y_t) + tca_alpha P_cf,t, P_cf,t from the cf_pretrain
                              backbone's logits over the code trie's subtree (loss ``tca_loss``); other tasks keep
-                             their one-hot labels. ``tca_alpha: 0`` (default) is the plain SFT loss.
+                             their one-hot labels. ``tca_temperature`` / ``tca_msl`` (TCA4Rec's temperature
+                             and masked softmax over the trie's children) shape every answer's loss.
+                             ``tca_alpha: 0`` with both off (default) is the plain SFT loss.
 Inference: the LC-Rec prompt, beam search constrained to the item trie (every output is a real item), the beams'
 items ranked first through ``recbole_llm.model.ranking`` (the rest tied below). ``recbole_llm.serve`` caches the
 top-K per user and adds new items without retraining.
@@ -112,7 +114,10 @@ class AlignTokenRec(SemanticIDs, TopKRanked, LLMRecommender, SequentialRecommend
         self.valid_items, self.decoded_items = 0, 0  # constrained decoding: valid items / decoded sequences
 
         # TCA4Rec's soft-label loss on the sequential task's code tokens (plug-and-play; its trie is set in stage 4)
-        self.alignment = SoftLabelLoss(None, self.tca_alpha, config["tca_loss"]) if self.tca_alpha > 0 else None
+        temperature, msl = config["tca_temperature"], bool(config["tca_msl"])
+        plugged = self.tca_alpha > 0 or msl or temperature != 1
+        self.alignment = SoftLabelLoss(None, self.tca_alpha, config["tca_loss"], temperature, msl,
+                                       prefix="tca_") if plugged else None
 
         # templates (YAML)
         self.templates = {name: PromptTemplate(config[f"{name}_template"], self.tokenizer)
@@ -248,7 +253,7 @@ class AlignTokenRec(SemanticIDs, TopKRanked, LLMRecommender, SequentialRecommend
         logits = answer_logits(self.llm, prompts, answers, self.tokenizer.pad_token_id, self.device)
         soft = torch.tensor([s[0] == "seq" for s in batch])
         cf_scores = torch.zeros(len(batch), self.n_items, device=self.device)
-        if soft.any():
+        if soft.any() and self.alignment.alpha > 0:
             rows = [s for s in batch if s[0] == "seq"]
             cf_scores[soft.to(self.device)] = self.teacher_logits([s[4] for s in rows], [s[2] for s in rows])
         return self.alignment(logits, answer_targets(answers).to(self.device), cf_scores, soft.to(self.device))

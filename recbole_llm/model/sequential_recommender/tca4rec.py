@@ -52,6 +52,7 @@ from recbole_llm.model.semantic_ids import SemanticIDs, code_tokens, item_texts
 
 BACKBONES = {"SASRec": "SASRec", "MF": "BPR", "BPR": "BPR", "LightGCN": "LightGCN", "DCCF": "DCCF"}
 IDENTIFIERS = ("title", "semantic_id")
+IDENTIFIER_WORDS = {"title": "title", "semantic_id": "item code"}  # {identifier} in the prompts
 
 
 def unique_titles(titles, ids):
@@ -99,7 +100,9 @@ class TCA4Rec(SemanticIDs, TopKRanked, LLMRecommender, SequentialRecommender):
             same = self.cf is not None and self.cf.name == name
             self.init_semantic_ids(config, self.cf if same else CFBackbone(config, dataset, name),
                                    item_texts(config, dataset))
-        prompt = chat_prompt(self.tokenizer, config["prompt"], config["system_prompt"])
+        word = IDENTIFIER_WORDS[self.identifier]
+        system = config["system_prompt"] and config["system_prompt"].replace("{identifier}", word)
+        prompt = chat_prompt(self.tokenizer, config["prompt"].replace("{identifier}", word), system)
         if prompt.count("{history}") != 1:
             raise ConfigError("prompt: must contain {history} exactly once")
         self.prompt_head, self.prompt_tail = prompt.split("{history}")
