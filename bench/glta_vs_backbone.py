@@ -1,7 +1,8 @@
 """GLTA against its converged backbone (issue #14): mean ± std over seeds, test and valid P@5 and N@10.
 
     python bench/glta_vs_backbone.py [--dataset ml-100k] [--seeds 2020,2021,2022] [--rows recbole,backbone,...]
-                                     [--users N] [--key=value ...]
+                                     [--users N] [--output FILE] [--key=value ...]
+    python bench/glta_vs_backbone.py --merge FILE [FILE ...]      (one table of several --output files)
 
 Rows (``--rows``, all by default = the full protocol):
   recbole      RecBole's own LightGCN (``cf_backbone``), RecBole's defaults and ``cf_config``, same data,
@@ -138,11 +139,17 @@ def table(per_seed, rows):
             return f"{values[0]:.4f}"
         return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
-    lines = ["| row | " + " | ".join(f"{split} {metric}" for split, metric in COLUMNS) + " | time (s) |",
-             "|---" * (len(COLUMNS) + 2) + "|"]
+    base = "recbole" if "recbole" in rows else None  # paired per seed: row - RecBole's own backbone, test N@10
+    lines = ["| row | " + " | ".join(f"{split} {metric}" for split, metric in COLUMNS)
+             + (" | test ndcg@10 - recbole (paired) |" if base else " |") + " time (s) |",
+             "|---" * (len(COLUMNS) + 2 + bool(base)) + "|"]
     for row in rows:
         runs = [seed[row] for seed in per_seed.values() if row in seed]
         cells = [cell([run[split][metric] for run in runs]) for split, metric in COLUMNS]
+        if base:
+            pairs = [seed[row]["test"]["ndcg@10"] - seed[base]["test"]["ndcg@10"]
+                     for seed in per_seed.values() if row in seed and base in seed]
+            cells.append(cell(pairs) if pairs else "")
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {statistics.mean(r['seconds'] for r in runs):.0f} |")
     return "\n".join(lines)
 
@@ -155,7 +162,20 @@ def main():
     parser.add_argument("--users", type=int, default=0, help="run on a sample of this many users (0 = all)")
     parser.add_argument("--checkpoint_dir", default="saved/bench_glta")
     parser.add_argument("--output", default=None, help="also write the results as JSON here")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="print one table of --output files (e.g. seeds run as parallel processes); runs nothing")
     args, extra = parser.parse_known_args()
+    if args.merge:
+        per_seed, rows = {}, []
+        for path in args.merge:
+            with open(path) as f:
+                saved = json.load(f)
+            print(f"{path}: {saved['dataset']}, overrides {saved['overrides']}")
+            for seed, results in saved["results"].items():
+                per_seed[seed] = dict(per_seed.get(seed, {}), **results)
+                rows += [row for row in results if row not in rows]
+        print(table(per_seed, rows))
+        return
     overrides = parse_overrides(extra)
     overrides.setdefault("cf_config", {})  # the backbone with RecBole's own defaults unless told otherwise
     sys.argv = sys.argv[:1]  # every override travels in config_dict (RecBole would rank the command line first)
