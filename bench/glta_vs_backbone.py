@@ -141,8 +141,8 @@ def table(per_seed, rows):
 
     base = "recbole" if "recbole" in rows else None  # paired per seed: row - RecBole's own backbone, test N@10
     lines = ["| row | " + " | ".join(f"{split} {metric}" for split, metric in COLUMNS)
-             + (" | test ndcg@10 - recbole (paired) |" if base else " |") + " time (s) |",
-             "|---" * (len(COLUMNS) + 2 + bool(base)) + "|"]
+             + (" | test ndcg@10 - recbole (paired) |" if base else " |") + " seeds | time (s) |",
+             "|---" * (len(COLUMNS) + 3 + bool(base)) + "|"]
     for row in rows:
         runs = [seed[row] for seed in per_seed.values() if row in seed]
         cells = [cell([run[split][metric] for run in runs]) for split, metric in COLUMNS]
@@ -150,7 +150,8 @@ def table(per_seed, rows):
             pairs = [seed[row]["test"]["ndcg@10"] - seed[base]["test"]["ndcg@10"]
                      for seed in per_seed.values() if row in seed and base in seed]
             cells.append(cell(pairs) if pairs else "")
-        lines.append(f"| {row} | " + " | ".join(cells) + f" | {statistics.mean(r['seconds'] for r in runs):.0f} |")
+        lines.append(f"| {row} | " + " | ".join(cells)
+                     + f" | {len(runs)} | {statistics.mean(r['seconds'] for r in runs):.0f} |")
     return "\n".join(lines)
 
 
