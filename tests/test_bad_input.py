@@ -359,7 +359,9 @@ def test_ctrl_c_mid_run_keeps_a_complete_checkpoint(tmp_path):
         [sys.executable, os.path.join(ROOT, "run_recbole_llm.py"), "--model=BPR", "--dataset=tiny",
          f"--config_files={tmp_path / 'base.yaml'}", "--epochs=100000", "--stopping_step=100000"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=dict(os.environ, OMP_NUM_THREADS="1"))
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        # a suite started as a background job inherits SIGINT ignored (POSIX shells): Ctrl-C must reach the run
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while not list((tmp_path / "saved").glob("*.pth")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
