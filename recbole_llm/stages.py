@@ -113,8 +113,9 @@ class TrainStage(Stage):
         values.update({k: (config[k] if k in config else None) for k in TRAINER_KEYS})
         values.update(epochs=self.setting(config, "epochs"), learning_rate=self.setting(config, "learning_rate"),
                       modules=list(self.modules))
-        if self.learning_rates(config):
-            values["module_learning_rates"] = self.learning_rates(config)
+        rates = self.learning_rates(config)
+        if rates:
+            values["module_learning_rates"] = rates
         return values
 
 
