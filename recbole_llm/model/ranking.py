@@ -37,6 +37,7 @@ import torch
 from recbole.data.dataloader import FullSortEvalDataLoader
 from recbole.data.interaction import Interaction
 from recbole.utils import ModelType
+from tqdm import tqdm
 
 from recbole_llm.errors import ConfigError
 
@@ -174,6 +175,7 @@ class Ranking:
             self.seq_field = config["ITEM_ID_FIELD"] + config["LIST_SUFFIX"]
             self.seq_len_field = config["ITEM_LIST_LENGTH_FIELD"]
         self.batch_size = int(config["llm_eval_batch_size"])
+        self.show_progress = bool(config["show_progress"])
         self.rank, self.world = (0, 1) if config["single_spec"] else (config["local_rank"], config["world_size"])
         self.cache = TopKCache(self.k)
         self.train_history = None if self.sequential else training_history(dataset)
@@ -241,7 +243,10 @@ class Ranking:
             missing += self._upcoming(missing, -len(missing) % self.batch_size)
             pending = [Interaction({self.uid_field: torch.tensor(missing[i:i + self.batch_size])})
                        for i in range(0, len(missing), self.batch_size)]
-        for batch in pending:
+        # RecBole's evaluation bar counts its batches (eval_batch_size users): one bar step can be every user
+        bar = tqdm(pending, desc="Rank (LLM)", ncols=100, leave=False,
+                   disable=not self.show_progress or len(pending) < 2)
+        for batch in bar:
             batch = batch.to(device)
             exclude = self.exclude(batch, device)
             placed, dense = self.score_fn(batch, exclude)
