@@ -45,9 +45,11 @@ Where the paper is silent, this implementation chooses:
     20); ``seq_rows_per_user`` keeps each user's latest rows only (None: all).
   - "ED" (``tokenization: ed``): an MLP encoder / decoder around the codebooks with RQ-VAE's reconstruction and
     commitment (0.25) losses added; "w/o AM" (``llm_alignment: False``): no L^L.
-  - ``code_token_init: mlp2 | mlp3`` (Table 7): the new rows start as a seeded random MLP of each code's codebook
-    vector, scaled to the embedding table's spread; the MLP is not trained further (the rows are). ``none`` (the
-    paper's default): the mean-resized rows.
+  - ``code_token_init: mlp2 | mlp3`` (Table 7): the code tokens' input rows are, at every forward, a 2- / 3-layer
+    MLP (ReLU between) of each code's codebook vector; the MLP (seeded) and the vectors (a copy of the trained
+    codebooks) train with the LoRA SFT, as the paper activates their gradients. The paper does not scale the rows:
+    we standardise them to the embedding table's mean and spread (no parameter). The output rows stay peft
+    trainable tokens, started from the MLP's first rows. ``none`` (the paper's default): the mean-resized rows.
   - Queries: reviews from the training split's (user, item) pairs only, when ``review_text_field`` is in the .inter
     file.
   - A new item: its CF embedding is quantized by the trained codebooks; with text only, its E^LLM is mapped to the
@@ -190,8 +192,10 @@ class AlignTokenRec(SemanticIDs, TopKRanked, LLMRecommender, SequentialRecommend
         return self.semantic_id_stages()
 
     def final_stage(self):
-        """Stage 5: LoRA SFT on the alignment tasks (LoRA and the code-token rows train), RecBole's loop."""
-        return TrainStage("alignment_tasks", modules=["llm"], batches=self.task_batches, loss=self.calculate_loss)
+        """Stage 5: LoRA SFT on the alignment tasks (LoRA, the code-token rows and, with ``code_token_init: mlp2 |
+        mlp3``, the MLP and code vectors train), RecBole's loop."""
+        return TrainStage("alignment_tasks", modules=self.fine_tuned_modules(), batches=self.task_batches,
+                          loss=self.calculate_loss)
 
     # ----- prompts --------------------------------------------------------------------------------------------
     def history_ids(self, items):
