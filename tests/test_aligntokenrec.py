@@ -1,5 +1,5 @@
 """AlignTokenRec on tiny-random: codebooks, unique codes, constrained decoding, negatives, Table 7's trained MLP of
-the codes, new items, the serving cache, and the start-up check of the item text."""
+the codes, the query task on review text, new items, the serving cache, and the start-up check of the item text."""
 import glob
 import os
 import random
@@ -207,6 +207,60 @@ def test_unknown_code_token_init_fails_naming_the_option(mlp_model):
     options, _, _, train, _ = mlp_model
     with pytest.raises(ConfigError, match="code_token_init: unknown 'mlp4'"):
         AlignTokenRec(Config("AlignTokenRec", "atr", config_dict=dict(options, code_token_init="mlp4")), train._dataset)
+
+
+# ----- the query alignment task on review text -----------------------------------------------------------------
+def _add_reviews(root, name):
+    """The .inter file with a ``review_text`` column: one distinct review per interaction, one empty review,
+    and user 1 re-reviewing its first item as its last (test) interaction. Returns (training rows, all rows):
+    the rows (user, item, rating, time, review) of each user's interactions but the last two (leave-one-out's
+    training split), and of all interactions, in file order."""
+    path = os.path.join(root, name, f"{name}.inter")
+    with open(path) as f:
+        header, *lines = [line.rstrip("\n").split("\t") for line in f]
+    first_of_user_1 = next(row for row in lines if row[0] == "1")
+    lines.append(["1", first_of_user_1[1], "5", "1999"])  # after user 1's others: its test interaction
+    rows = []
+    for n, (user, item, rating, time) in enumerate(lines):
+        review = "" if n == 5 else f"review {n} by user {user}: item {item} was fine"
+        rows.append((user, item, rating, time, review))
+    with open(path, "w") as f:
+        f.write("\t".join(header + ["review_text:token"]) + "\n")
+        f.writelines("\t".join(row) + "\n" for row in rows)
+    training = []
+    for user in {row[0] for row in rows}:
+        mine = sorted((float(r[3]), r) for r in rows if r[0] == user)
+        training += [r for _, r in mine[:-2]]
+    return training, rows
+
+
+def test_query_task_builds_one_sample_per_training_review(tmp_path):
+    root = write_sequential_dataset(str(tmp_path / "data"), name="atrq", n_users=12, n_items=15, length=6)
+    training, rows = _add_reviews(root, "atrq")
+    options, config, model, train, valid = _build(tmp_path, root, name="atrq", text_task=False, neg_ratio=0)
+    users, items = train._dataset.field2token_id["user_id"], train._dataset.field2token_id["item_id"]
+    expected = sorted((users[u], items[i], review) for u, i, _, _, review in training if review)
+    assert sorted(model.reviews) == expected and len(expected) == len(training) - 1  # one review is empty
+    leak = rows[-1][4]  # user 1's test interaction repeats a training pair: its review is not used
+    assert all(review != leak for _, _, review in model.reviews)
+    assert any(u == users["1"] and i == items[rows[-1][1]] for u, i, _ in model.reviews)  # the training review is
+
+    samples = [s for batch in model.task_batches(train, epoch=0) for s in batch]
+    queries = [s for s in samples if s[0] == "query"]
+    assert sorted((user, item, review) for _, _, review, item, user in queries) == expected
+    _, _, review, item, _ = queries[0]
+    prompt = model.tokenizer.decode(model.encode_sample(queries[0]))
+    assert prompt.startswith("You meet a user's query: ") and review in prompt
+    assert prompt.endswith(". Please respond to this user by selecting an appropriate item")
+    assert model.item_token_ids(item) == model.trie.tokens(item)[:-1]  # the answer: the item's N code tokens
+    assert set(model.item_token_ids(item)) <= set(model.code_ids.flatten().tolist())
+    assert torch.isfinite(model.calculate_loss(queries[:4]))
+
+    trainer = LLMTrainer(config, model)  # end to end: stages from the cache, one epoch, validation
+    score, _ = trainer.fit(train, valid, saved=False)
+    assert trainer.optimizer_steps > 0 and 0 <= score <= 1
+    assert not AlignTokenRec(Config("AlignTokenRec", "atrq", config_dict=dict(
+        options, review_text_field="no_such_field")), train._dataset).reviews
 
 
 def test_quantizer_kmeans_init_and_encoder_decoder_variant():
