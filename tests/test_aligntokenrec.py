@@ -1,5 +1,5 @@
-"""AlignTokenRec on tiny-random: codebooks, unique codes, constrained decoding, negatives, new items, the serving
-cache, and the start-up check of the item text."""
+"""AlignTokenRec on tiny-random: codebooks, unique codes, constrained decoding, negatives, Table 7's trained MLP of
+the codes, the query task on review text, new items, the serving cache, and the start-up check of the item text."""
 import glob
 import os
 import random
@@ -7,11 +7,15 @@ import random
 import pytest
 import torch
 
+from recbole_llm.config import Config
 from recbole_llm.errors import ConfigError
+from recbole_llm.llm.inputs import input_embedding
 from recbole_llm.model.quantize import ResidualQuantizer, collision_rate, resolve_collisions
 from recbole_llm.model.sequential_recommender.aligntokenrec import AlignTokenRec
 from recbole_llm.quick_start import load_data_and_model, main as cli_main, run_recbole_llm
 from recbole_llm.serve import TopKCacheFile, TopKServer, main as serve_main
+from recbole_llm.trainer import LLMTrainer
+from recbole_llm.utils import create_dataset, data_preparation
 from tests.conftest import write_sequential_dataset
 
 SMALL = {"llm_path": "tiny-random", "epochs": 1, "train_batch_size": 16, "eval_batch_size": 4096,
@@ -89,22 +93,174 @@ def test_codes_are_unique_after_collision_handling(model_and_data):
     assert unique[keeper, 2] == 3
 
 
-def test_mlp_initialisation_writes_the_code_token_rows(model_and_data):
-    model, _ = model_and_data
-    from recbole_llm.llm.inputs import input_embedding
+# ----- Table 7: code_token_init mlp2 / mlp3, the MLP and the code vectors train with the LLM ------------------------
+FAST = {"llm_dtype": "fp32", "codebook_epochs": 2, "seq_rows_per_user": 1, "neg_ratio": 1}
 
+
+def _build(tmp, root, name="atr", **options):
+    """(config dict, config, model, train, valid), the stages before fine-tuning run."""
+    options = dict(SMALL, data_path=root, checkpoint_dir=str(tmp / "saved"), **dict(FAST, **options))
+    config = Config("AlignTokenRec", name, config_dict=options)
+    train, valid, _ = data_preparation(config, create_dataset(config))
+    model = AlignTokenRec(config, train._dataset)
+    LLMTrainer(config, model).run_stages(train, valid)
+    return options, config, model, train, valid
+
+
+@pytest.fixture(scope="module")
+def mlp_model(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("atr_mlp")
+    return _build(tmp, write_sequential_dataset(str(tmp / "data"), name="atr"), code_token_init="mlp2")
+
+
+def _expected_code_rows(model):
+    """MLP(codebook vectors), standardised to the embedding table's mean and spread (taken when the LLM loaded)."""
+    rows = model.code_embedding.mlp(model.code_embedding.vectors)
+    return (rows - rows.mean()) / rows.std() * model.code_embedding.std + model.code_embedding.mean
+
+
+def test_none_keeps_the_trainable_token_rows(model_and_data):
+    model, _ = model_and_data
+    assert model.code_embedding is None and model.final_stage().modules == ["llm"]
+    assert not any(k.startswith("code_embedding") for k in model.state_dict())
+
+
+def test_mlp_gives_the_code_token_input_rows(mlp_model):
+    options, _, model, train, _ = mlp_model
+    assert model.final_stage().modules == ["llm", "code_embedding"]
+    mlp = model.code_embedding.mlp
+    assert [type(m).__name__ for m in mlp] == ["Linear", "ReLU", "Linear"]  # "MLP-ReLU-MLP"
+    assert mlp[0].in_features == model.cf_dim and mlp[-1].out_features == input_embedding(model.llm).weight.shape[1]
+    # stage 4: the vectors start as the trained codebooks, the output rows as the MLP's first rows
+    assert torch.equal(model.code_embedding.vectors, model.quantizer.codebooks.reshape(-1, model.cf_dim))
     ids, old = model.code_ids.flatten(), torch.arange(10)
-    before = input_embedding(model.llm)(ids).detach().clone()
-    before_old = input_embedding(model.llm)(old).detach().clone()
-    saved = {k: v.clone() for k, v in model.state_dict().items() if "trainable_tokens" in k}
+    with torch.no_grad():
+        expected = _expected_code_rows(model)
+        table = input_embedding(model.llm).weight
+        assert model.code_embedding.std == pytest.approx(float(table.std()), rel=0.05)
+        assert torch.allclose(input_embedding(model.llm)(ids), expected, atol=1e-5)
+        assert torch.allclose(input_embedding(model.llm)(old), input_embedding(model.llm).weight[old])
+        assert torch.allclose(model.llm.get_output_embeddings().weight[ids], expected, atol=1e-5)
+        # mixed in a batch: each code position takes its own row, the others stay
+        mixed = torch.stack([ids[:6], torch.cat([old[:3], ids[-3:]])])
+        out = input_embedding(model.llm)(mixed)
+        assert torch.allclose(out[0], expected[:6], atol=1e-5) and torch.allclose(out[1, 3:], expected[-3:], atol=1e-5)
+        assert torch.allclose(out[1, :3], input_embedding(model.llm).weight[old[:3]])
+    mlp3 = AlignTokenRec(Config("AlignTokenRec", "atr", config_dict=dict(options, code_token_init="mlp3")),
+                         train._dataset)
+    assert [type(m).__name__ for m in mlp3.code_embedding.mlp] == ["Linear", "ReLU", "Linear", "ReLU", "Linear"]
+
+
+def test_mlp_and_code_vectors_train_from_the_loss(mlp_model):
+    _, _, model, train, _ = mlp_model
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
     try:
-        model._init_code_rows(3)
-        after = input_embedding(model.llm)(ids).detach()
-        assert not torch.allclose(before, after)
-        assert torch.equal(input_embedding(model.llm)(old), before_old)  # ordinary tokens keep their rows
+        params = model.set_trainable(model.final_stage().modules)
+        own = dict(model.code_embedding.named_parameters())
+        assert all(any(p is q for q in params) for p in own.values())
+        before = {n: p.detach().clone() for n, p in own.items()}
+        with torch.no_grad():
+            rows_before = model.code_embedding().clone()  # cached under no_grad
+        batch = next(iter(model.task_batches(train, 0)))
+        model.train()
+        loss = model.calculate_loss(batch)
+        loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in own.values()), \
+            {n: p.grad is not None and float(p.grad.abs().sum()) for n, p in own.items()}
+        torch.optim.Adam(params, lr=1e-3).step()
+        assert all(not torch.equal(before[n], p) for n, p in own.items())
+        model.eval()
+        with torch.no_grad():  # the cache sees the step: the rows are MLP(codebook) of the new weights
+            assert not torch.allclose(model.code_embedding(), rows_before)
+            ids = model.code_ids.flatten()
+            assert torch.allclose(input_embedding(model.llm)(ids), _expected_code_rows(model), atol=1e-5)
     finally:
-        model.load_state_dict(saved, strict=False)
-    assert torch.allclose(input_embedding(model.llm)(ids), before)
+        model.zero_grad(set_to_none=True)
+        model.requires_grad_(False)
+        model.load_state_dict(saved)
+
+
+def test_mlp_fine_tuning_saves_and_reloads_the_same_scores(mlp_model):
+    """The trainer's final stage trains the MLP and the vectors; the checkpoint restores them: same top-K, scores."""
+    _, config, model, train, valid = mlp_model
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        start = {n: p.detach().clone() for n, p in model.code_embedding.named_parameters()}
+        trainer = LLMTrainer(config, model)
+        trainer.fit(train, valid, saved=True)
+        assert all(not torch.equal(start[n], p) for n, p in model.code_embedding.named_parameters())
+        state = torch.load(trainer.saved_model_file, weights_only=False)["state_dict"]
+        assert {k for k in state if k.startswith("code_embedding.")} == {f"code_embedding.{n}" for n in start}
+        _, loaded, _, _, _, _ = load_data_and_model(trainer.saved_model_file)
+        for n, p in loaded.code_embedding.named_parameters():
+            assert torch.equal(p, dict(model.code_embedding.named_parameters())[n])
+        histories = [[1, 4, 7], [2, 5], [3, 6, 9, 12, 15]]
+        model.eval()
+        items, scores = model.recommend(histories)
+        loaded_items, loaded_scores = loaded.recommend(histories)
+        assert torch.equal(items, loaded_items) and torch.allclose(scores, loaded_scores, atol=1e-5)
+    finally:
+        model.load_state_dict(saved)
+
+
+def test_unknown_code_token_init_fails_naming_the_option(mlp_model):
+    options, _, _, train, _ = mlp_model
+    with pytest.raises(ConfigError, match="code_token_init: unknown 'mlp4'"):
+        AlignTokenRec(Config("AlignTokenRec", "atr", config_dict=dict(options, code_token_init="mlp4")), train._dataset)
+
+
+# ----- the query alignment task on review text -----------------------------------------------------------------
+def _add_reviews(root, name):
+    """The .inter file with a ``review_text`` column: one distinct review per interaction, one empty review,
+    and user 1 re-reviewing its first item as its last (test) interaction. Returns (training rows, all rows):
+    the rows (user, item, rating, time, review) of each user's interactions but the last two (leave-one-out's
+    training split), and of all interactions, in file order."""
+    path = os.path.join(root, name, f"{name}.inter")
+    with open(path) as f:
+        header, *lines = [line.rstrip("\n").split("\t") for line in f]
+    first_of_user_1 = next(row for row in lines if row[0] == "1")
+    lines.append(["1", first_of_user_1[1], "5", "1999"])  # after user 1's others: its test interaction
+    rows = []
+    for n, (user, item, rating, time) in enumerate(lines):
+        review = "" if n == 5 else f"review {n} by user {user}: item {item} was fine"
+        rows.append((user, item, rating, time, review))
+    with open(path, "w") as f:
+        f.write("\t".join(header + ["review_text:token"]) + "\n")
+        f.writelines("\t".join(row) + "\n" for row in rows)
+    training = []
+    for user in {row[0] for row in rows}:
+        mine = sorted((float(r[3]), r) for r in rows if r[0] == user)
+        training += [r for _, r in mine[:-2]]
+    return training, rows
+
+
+def test_query_task_builds_one_sample_per_training_review(tmp_path):
+    root = write_sequential_dataset(str(tmp_path / "data"), name="atrq", n_users=12, n_items=15, length=6)
+    training, rows = _add_reviews(root, "atrq")
+    options, config, model, train, valid = _build(tmp_path, root, name="atrq", text_task=False, neg_ratio=0)
+    users, items = train._dataset.field2token_id["user_id"], train._dataset.field2token_id["item_id"]
+    expected = sorted((users[u], items[i], review) for u, i, _, _, review in training if review)
+    assert sorted(model.reviews) == expected and len(expected) == len(training) - 1  # one review is empty
+    leak = rows[-1][4]  # user 1's test interaction repeats a training pair: its review is not used
+    assert all(review != leak for _, _, review in model.reviews)
+    assert any(u == users["1"] and i == items[rows[-1][1]] for u, i, _ in model.reviews)  # the training review is
+
+    samples = [s for batch in model.task_batches(train, epoch=0) for s in batch]
+    queries = [s for s in samples if s[0] == "query"]
+    assert sorted((user, item, review) for _, _, review, item, user in queries) == expected
+    _, _, review, item, _ = queries[0]
+    prompt = model.tokenizer.decode(model.encode_sample(queries[0]))
+    assert prompt.startswith("You meet a user's query: ") and review in prompt
+    assert prompt.endswith(". Please respond to this user by selecting an appropriate item")
+    assert model.item_token_ids(item) == model.trie.tokens(item)[:-1]  # the answer: the item's N code tokens
+    assert set(model.item_token_ids(item)) <= set(model.code_ids.flatten().tolist())
+    assert torch.isfinite(model.calculate_loss(queries[:4]))
+
+    trainer = LLMTrainer(config, model)  # end to end: stages from the cache, one epoch, validation
+    score, _ = trainer.fit(train, valid, saved=False)
+    assert trainer.optimizer_steps > 0 and 0 <= score <= 1
+    assert not AlignTokenRec(Config("AlignTokenRec", "atrq", config_dict=dict(
+        options, review_text_field="no_such_field")), train._dataset).reviews
 
 
 def test_quantizer_kmeans_init_and_encoder_decoder_variant():
@@ -204,10 +360,6 @@ def test_a_dataset_without_the_text_field_fails_at_start_naming_it(tmp_path, cap
 def test_tca_soft_labels_plug_into_the_sequential_task(tmp_path):
     """``tca_alpha > 0``: TCA4Rec's SoftLabelLoss on the sequential task's code tokens, the DCCF backbone as teacher;
     through the same path at alpha 0 the loss equals the plain SFT loss, and rows of other tasks stay one-hot."""
-    from recbole_llm.config import Config
-    from recbole_llm.trainer import LLMTrainer
-    from recbole_llm.utils import create_dataset, data_preparation
-
     root = write_sequential_dataset(str(tmp_path / "data"), name="atr")
     config = Config("AlignTokenRec", "atr", config_dict=dict(
         SMALL, data_path=root, checkpoint_dir=str(tmp_path / "saved"), llm_dtype="fp32", tca_alpha=0.5,

@@ -25,6 +25,13 @@ Stages (``semantic_id_stages``), each cached by ``StageCache``:
                              code under the same prefix): every item has a unique sequence. Then the item trie over
                              the code-token sequences (each ends with EOS), and ``code_token_init`` (Table 7).
 
+``code_token_init: mlp2 | mlp3`` (Table 7, "MLP-ReLU-MLP" / "MLP-ReLU-MLP-ReLU-MLP" from the codebook vectors to
+the LLM's width, "the gradients of these modules and the CodeBook embeddings will be activated during the
+fine-tuning phase"): ``CodeEmbedding`` holds the MLP and a copy of the codebook vectors (set from the trained
+codebooks in stage 4), and at every forward a hook on the LLM's input embedding gives the code tokens its rows.
+The model's final stage trains it with the LLM (``fine_tuned_modules``); it is saved in the model's state dict.
+``none`` (the paper's default): the new rows are the mean-resized rows, trained as peft trainable tokens.
+
 Options (the model's YAML): ``codebook_levels`` (N), ``codebook_size`` (C), ``codebook_distance``, ``tokenization``,
 ``llm_alignment``, ``kmeans_iters``, ``codebook_epochs``, ``codebook_learning_rate``, ``codebook_batch_size``,
 ``ridge_lambda``, ``max_text_tokens``, ``code_token_init``.
@@ -115,6 +122,22 @@ class SemanticIDs:
         self.collision_rate = None
         self.new_item_codes = {}  # items added after training (internal ids from n_items on): their codes
 
+        # Table 7: the code tokens' input rows from a trained MLP of the codebook vectors (none: no module)
+        self.code_embedding = None
+        if config["code_token_init"] != "none":
+            first = int(self.code_ids.min())
+            if not torch.equal(self.code_ids.flatten(), torch.arange(first, first + self.code_ids.numel())):
+                raise ConfigError("code_token_init: the code tokens must have consecutive ids (the tokenizer "
+                                  "already knew some of them)")
+            self.first_code_id = first
+            table = input_embedding(self.llm).weight.detach().float()
+            with torch.random.fork_rng():
+                torch.manual_seed(config["seed"])
+                self.code_embedding = CodeEmbedding(self.levels * self.n_codes, cf_dim, hidden,
+                                                    int(config["code_token_init"][-1]), float(table.mean()),
+                                                    float(table.std()))
+            input_embedding(self.llm).register_forward_hook(self._code_rows_hook)
+
     def semantic_id_stages(self, backbone_stage=True):
         """Stages 1-4 (``backbone_stage=False``: the model declares the backbone's stage itself, loading it with
         ``on_load=self.load_cf``)."""
@@ -196,8 +219,8 @@ class SemanticIDs:
         self.item_codes.copy_(artifact["codes"])
         self.collision_rate = artifact["collision_rate"]
         self.build_code_trie()
-        if self.config["code_token_init"] != "none":
-            self._init_code_rows(int(self.config["code_token_init"][-1]))
+        if self.code_embedding is not None:
+            self._init_code_rows()
 
     def build_code_trie(self):
         """The trie over every item's code tokens + EOS (also the trie of the model's ``SoftLabelLoss``)."""
@@ -206,19 +229,29 @@ class SemanticIDs:
             self.alignment.trie = self.trie
 
     @torch.no_grad()
-    def _init_code_rows(self, layers):
-        """Table 7: new rows = an MLP (``layers`` linear layers, ReLU between) of each code's codebook vector."""
-        hidden = input_embedding(self.llm).weight.shape[1]
-        with torch.random.fork_rng():
-            torch.manual_seed(self.config["seed"])
-            widths = [self.cf_dim] + [hidden] * layers
-            mlp = nn.Sequential(*[m for a, b in zip(widths, widths[1:]) for m in (nn.Linear(a, b), nn.ReLU())][:-1])
-        rows = mlp(self.quantizer.codebooks.detach().float().cpu().reshape(-1, self.cf_dim))
-        base = input_embedding(self.llm).weight
-        rows = (rows - rows.mean()) / rows.std().clamp(min=1e-8) * base.float().std() + base.float().mean()
-        deltas = [p for n, p in self.llm.named_parameters() if "trainable_tokens_delta" in n]
-        for delta in deltas:
+    def _init_code_rows(self):
+        """Table 7, at the start of fine-tuning: the code vectors are the trained codebooks (a copy: the quantizer
+        keeps coding new items as tokenization trained it), and the code tokens' output rows (peft trainable
+        tokens; with tied embeddings the same rows) start as the MLP's rows, so input and output rows start equal."""
+        self.code_embedding.vectors.copy_(self.quantizer.codebooks.reshape(-1, self.cf_dim))
+        rows = self.code_embedding()
+        for delta in [p for n, p in self.llm.named_parameters() if "trainable_tokens_delta" in n]:
             delta.copy_(rows.to(delta.device, delta.dtype))
+
+    def _code_rows_hook(self, module, args, output):
+        """Forward hook of the LLM's input embedding: code tokens take ``code_embedding``'s rows (the gradient
+        goes to the MLP and the code vectors, not to the trainable-token rows of the input side)."""
+        position = args[0] - self.first_code_id
+        is_code = (position >= 0) & (position < len(self.code_embedding.vectors))
+        if not is_code.any():
+            return None
+        rows = self.code_embedding()[position.clamp(0, len(self.code_embedding.vectors) - 1)]
+        return torch.where(is_code.unsqueeze(-1), rows.to(output.dtype), output)
+
+    def fine_tuned_modules(self):
+        """The final stage's modules: the LLM's adapters and new-token rows, and with ``code_token_init: mlp2 |
+        mlp3`` the MLP and the code vectors (Table 7)."""
+        return ["llm"] + (["code_embedding"] if getattr(self, "code_embedding", None) is not None else [])
 
     # ----- an item's code tokens ----------------------------------------------------------------------------
     def item_token_ids(self, item):
@@ -235,3 +268,32 @@ class SemanticIDs:
         if self.trie is None and self.item_codes[1:].any():  # a reloaded checkpoint: rebuild the trie
             self.build_code_trie()
         return result
+
+
+class CodeEmbedding(nn.Module):
+    """Table 7's mapping module: the input rows (N x C, H) of the code tokens, MLP(B^n_c) with ``layers`` linear
+    layers and ReLU between, from the codebook vectors B^n_c (a trainable copy; width d of the CF embedding).
+
+    The paper scales nothing; we standardise the rows over the whole matrix to the mean and standard deviation
+    of the LLM's embedding table (``mean`` / ``std``, fixed numbers: nothing trainable), so that a random MLP
+    starts at the scale of the other rows. The MLP runs in fp32 outside autocast. Under ``no_grad`` the rows are
+    cached until a parameter changes in place (beam search embeds at every step).
+    """
+
+    def __init__(self, n_rows, dim, hidden, layers, mean, std):
+        super().__init__()
+        self.vectors = nn.Parameter(torch.zeros(n_rows, dim))
+        widths = [dim] + [hidden] * layers
+        self.mlp = nn.Sequential(*[m for a, b in zip(widths, widths[1:]) for m in (nn.Linear(a, b), nn.ReLU())][:-1])
+        self.mean, self.std = mean, std
+        self._cached = None
+
+    def forward(self):
+        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        if not torch.is_grad_enabled() and self._cached is not None and self._cached[0] == key:
+            return self._cached[1]
+        with torch.autocast(self.vectors.device.type, enabled=False):
+            rows = self.mlp(self.vectors.float())
+            rows = (rows - rows.mean()) / rows.std().clamp(min=1e-8) * self.std + self.mean
+        self._cached = None if torch.is_grad_enabled() else (key, rows)
+        return rows

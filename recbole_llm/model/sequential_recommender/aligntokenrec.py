@@ -45,11 +45,13 @@ Where the paper is silent, this implementation chooses:
     20); ``seq_rows_per_user`` keeps each user's latest rows only (None: all).
   - "ED" (``tokenization: ed``): an MLP encoder / decoder around the codebooks with RQ-VAE's reconstruction and
     commitment (0.25) losses added; "w/o AM" (``llm_alignment: False``): no L^L.
-  - ``code_token_init: mlp2 | mlp3`` (Table 7): the new rows start as a seeded random MLP of each code's codebook
-    vector, scaled to the embedding table's spread; the MLP is not trained further (the rows are). ``none`` (the
-    paper's default): the mean-resized rows.
-  - Queries: reviews from the training split's (user, item) pairs only, when ``review_text_field`` is in the .inter
-    file.
+  - ``code_token_init: mlp2 | mlp3`` (Table 7): the code tokens' input rows are, at every forward, a 2- / 3-layer
+    MLP (ReLU between) of each code's codebook vector; the MLP (seeded) and the vectors (a copy of the trained
+    codebooks) train with the LoRA SFT, as the paper activates their gradients. The paper does not scale the rows:
+    we standardise them to the embedding table's mean and spread (no parameter). The output rows stay peft
+    trainable tokens, started from the MLP's first rows. ``none`` (the paper's default): the mean-resized rows.
+  - Queries: one per review of a training interaction (never of a valid / test one, even for a repeated (user,
+    item) pair), when ``review_text_field`` is in the .inter file; the review is cut at ``max_text_tokens``.
   - A new item: its CF embedding is quantized by the trained codebooks; with text only, its E^LLM is mapped to the
     CF space by a ridge regression fitted on the training items (stored with the codebooks).
 """
@@ -57,6 +59,7 @@ import csv
 import logging
 import os
 import random
+from collections import Counter
 
 import numpy as np
 import torch
@@ -105,6 +108,9 @@ class AlignTokenRec(SemanticIDs, TopKRanked, LLMRecommender, SequentialRecommend
         self.titles, self.descriptions = item_texts(config, dataset)
         self._training_rows(dataset)
         self.reviews = self._training_reviews(config, dataset)
+        if config["query_task"]:
+            logger.info(f"query task: {len(self.reviews)} reviews of training interactions "
+                        f"('{config['review_text_field']}' of the .inter file)")
 
         # the LLM with N x C new code tokens (trainable rows, saved with the LoRA adapters); stages 1-4
         levels, codes = int(config["codebook_levels"]), int(config["codebook_size"])
@@ -163,25 +169,40 @@ class AlignTokenRec(SemanticIDs, TopKRanked, LLMRecommender, SequentialRecommend
         self.seq_rows = sorted(keep)
 
     def _training_reviews(self, config, dataset):
-        """(user, item, review) of the training split's pairs, from ``review_text_field`` of the .inter file."""
+        """(user, item, review) of each training interaction with a review, from ``review_text_field`` of the
+        .inter file (read here: it stays out of ``load_col``).
+
+        RecBole's sequential splits are time-ordered, so the training split holds each user's earliest
+        interactions: a (user, item) pair that occurs k times in it (as a row's target, or as the first item of
+        the user's history-of-one row, as RecBole's ``inter_matrix`` counts it) takes the reviews of its first k
+        occurrences in time, never a later (valid / test) repeat's."""
         field = config["review_text_field"]
         path = os.path.join(config["data_path"], f"{config['dataset']}.inter")
         if not field or not os.path.isfile(path):
             return []
+        train_counts = Counter(zip(self.row_users.tolist(), self.row_targets.tolist()))
+        train_counts.update((u, h[0]) for u, h in zip(self.row_users.tolist(), self.row_histories) if len(h) == 1)
         with open(path, encoding=config["encoding"] or "utf-8", newline="") as f:
             reader = csv.reader(f, delimiter=config["field_separator"] or "\t")
             header = [c.split(":")[0] for c in next(reader)]
             if field not in header:
                 return []
             cols = [header.index(name) for name in (self.USER_ID, self.ITEM_ID, field)]
+            time_col = header.index(dataset.time_field) if dataset.time_field in header else None
             user_ids, item_ids = dataset.field2token_id[self.USER_ID], dataset.field2token_id[self.ITEM_ID]
-            reviews = []
-            for row in reader:
-                if len(row) <= max(cols):
+            occurrences = []  # (user, time, line, item, review) of the pairs the training split holds
+            for line, row in enumerate(reader):
+                if len(row) <= max(cols + [time_col or 0]):
                     continue
                 u, i = user_ids.get(row[cols[0]]), item_ids.get(row[cols[1]])
-                if u is not None and i is not None and i in self.user_items[u] and row[cols[2]].strip():
-                    reviews.append((u, i, row[cols[2]].strip()))
+                if (u, i) in train_counts:
+                    time = float(row[time_col]) if time_col is not None and row[time_col].strip() else 0.0
+                    occurrences.append((u, time, line, i, row[cols[2]].strip()))
+        reviews, taken = [], Counter()
+        for u, _, _, i, review in sorted(occurrences):
+            taken[u, i] += 1
+            if taken[u, i] <= train_counts[u, i] and review:
+                reviews.append((u, i, review))
         return reviews
 
     # ----- stages -------------------------------------------------------------------------------------------
@@ -190,8 +211,10 @@ class AlignTokenRec(SemanticIDs, TopKRanked, LLMRecommender, SequentialRecommend
         return self.semantic_id_stages()
 
     def final_stage(self):
-        """Stage 5: LoRA SFT on the alignment tasks (LoRA and the code-token rows train), RecBole's loop."""
-        return TrainStage("alignment_tasks", modules=["llm"], batches=self.task_batches, loss=self.calculate_loss)
+        """Stage 5: LoRA SFT on the alignment tasks (LoRA, the code-token rows and, with ``code_token_init: mlp2 |
+        mlp3``, the MLP and code vectors train), RecBole's loop."""
+        return TrainStage("alignment_tasks", modules=self.fine_tuned_modules(), batches=self.task_batches,
+                          loss=self.calculate_loss)
 
     # ----- prompts --------------------------------------------------------------------------------------------
     def history_ids(self, items):
