@@ -1,14 +1,16 @@
 """TCA4Rec on ml-100k (leave-one-out, RecBole's sequential preset, one seed): one table, and speed ratios.
 
     python bench/tca4rec.py [--users 100] [--rows 2] [--history 5] [--runs NAME,...] [--repeats 5]
-                            [--identifier title|semantic_id]
-                            [--key=value ...]     (e.g. --eval_step=0: no validation pass, test only)
+                            [--identifier title|semantic_id] [--backbones SASRec,MF,...] [--no_speed]
+                            [--output part.json] [--key=value ...]  (e.g. --eval_step=0: no validation pass)
+    python bench/tca4rec.py --merge part1.json part2.json    (one table from parts run side by side)
 
 Rows: each CF backbone alone (SASRec, MF, LightGCN, DCCF, trained once as TCA4Rec's cached ``cf_pretrain`` stage
 and evaluated by RecBole on the same split), the base LLM recommender (alpha 0), TCA4Rec over MF, LightGCN and
 SASRec with both losses, and an alpha sweep (0, 0.05, 0.1, 0.3) over SASRec with the mixture loss. Test HR / NDCG
-at 1, 5, 10; the validation NDCG@10 each run was selected on; wall time and peak RSS of each run (a process per
-run). ``--identifier semantic_id`` runs the LLM rows with AlignTokenRec's codebook codes as item identifiers
+at 1, 5, 10; HR@10 against the base LLM user by user (users hit by the run only / by the base only, and the
+two-sided sign test); the validation NDCG@10 each run was selected on; wall time and peak RSS of each run (a
+process per run). ``--identifier semantic_id`` runs the LLM rows with AlignTokenRec's codebook codes as item identifiers
 (TCA4Rec's ``item_identifier``; the codebook stages run once, cached); the backbone rows do not depend on it.
 
 Speed, measured in the same run on one batch of real prompts (interleaved repeats, medians):
@@ -23,6 +25,7 @@ chosen on the test split.
 """
 import argparse
 import json
+import math
 import os
 import random
 import resource
@@ -40,6 +43,7 @@ for backbone in ("MF", "LightGCN", "SASRec"):
         RUNS[f"TCA4Rec {backbone} {loss} a=0.1"] = {"cf_backbone": backbone, "tca_loss": loss, "alpha": 0.1}
 for alpha in (0.05, 0.3):
     RUNS[f"TCA4Rec SASRec mixture a={alpha}"] = {"cf_backbone": "SASRec", "tca_loss": "mixture", "alpha": alpha}
+BASE_RUN = "base LLM (alpha 0)"
 DEFAULT_RUN = "TCA4Rec SASRec mixture a=0.1"  # TCA4Rec's YAML defaults (scaled as stated)
 COLUMNS = ["hit@1", "hit@5", "hit@10", "ndcg@1", "ndcg@5", "ndcg@10"]
 
@@ -67,13 +71,37 @@ def peak_rss_mb():
 
 
 # ----- one run per process --------------------------------------------------------------------------------------
+def capture_first_hits():
+    """Record, at each RecBole evaluation, every user's rank of the held-out item within the top 10 (1-10, 0 = not
+    in it), in the evaluation's user order: the last call is the test pass. For paired comparisons of runs."""
+    from recbole.evaluator import Evaluator
+
+    captured, evaluate = {}, Evaluator.evaluate
+
+    def recording(self, dataobject):
+        hits = dataobject.get("rec.topk")[:, :10].bool()
+        captured["first_hit"] = torch_first_hit(hits)
+        return evaluate(self, dataobject)
+
+    Evaluator.evaluate = recording
+    return captured
+
+
+def torch_first_hit(hits):
+    import torch
+
+    rank = torch.argmax(hits.int(), dim=1) + 1
+    return torch.where(hits.any(dim=1), rank, torch.zeros_like(rank)).tolist()
+
+
 def child_run(overrides):
     from recbole_llm.quick_start import run_recbole_llm
 
+    captured = capture_first_hits()
     start = time.time()
     result = run_recbole_llm("TCA4Rec", overrides.pop("dataset"), config_dict=overrides)
     return {"test": dict(result["test_result"]), "valid": dict(result["best_valid_result"] or {}),
-            "seconds": time.time() - start, "rss_mb": peak_rss_mb()}
+            "seconds": time.time() - start, "rss_mb": peak_rss_mb(), "first_hit": captured.get("first_hit")}
 
 
 def child_backbones(overrides):
@@ -86,8 +114,9 @@ def child_backbones(overrides):
     from recbole_llm.stages import StageCache
     from recbole_llm.utils import create_dataset, data_preparation
 
+    captured = capture_first_hits()
     dataset_name, out = overrides.pop("dataset"), {}
-    for backbone in BACKBONES:
+    for backbone in overrides.pop("bench_backbones"):
         start = time.time()
         config = Config("TCA4Rec", dataset_name, config_dict=dict(overrides, cf_backbone=backbone, alpha=0.1))
         train, valid, test = data_preparation(config, create_dataset(config))
@@ -97,7 +126,8 @@ def child_backbones(overrides):
         trainer = Trainer(cf.config, cf.model)
         out[backbone] = {"valid": dict(trainer.evaluate(valid, load_best_model=False)),
                          "test": dict(trainer.evaluate(test, load_best_model=False)),
-                         "seconds": time.time() - start, "rss_mb": peak_rss_mb()}
+                         "seconds": time.time() - start, "rss_mb": peak_rss_mb(),
+                         "first_hit": captured.get("first_hit")}
     return out
 
 
@@ -153,11 +183,24 @@ def spawn(kind, overrides):
     return json.loads(output.strip().splitlines()[-1])
 
 
-def row(name, result):
+def paired(result, base):
+    """HR@10 against the base LLM, user by user on the same test users: '+b / -c (p)', b users hit by this run
+    only, c by the base only, p the two-sided sign-test (binomial) probability of a split at least that uneven."""
+    mine, theirs = result.get("first_hit"), (base or {}).get("first_hit")
+    if not mine or not theirs or len(mine) != len(theirs) or result is base:
+        return "-"
+    b = sum(1 for x, y in zip(mine, theirs) if x and not y)
+    c = sum(1 for x, y in zip(mine, theirs) if y and not x)
+    n = b + c
+    tail = sum(math.comb(n, k) for k in range(0, min(b, c) + 1)) / 2 ** n if n else 1.0
+    return f"+{b} / -{c} (p {min(1.0, 2 * tail):.2f})"
+
+
+def row(name, result, base=None):
     cells = " | ".join(f"{result['test'][c]:.4f}" for c in COLUMNS)
     valid = (result.get("valid") or {}).get("ndcg@10")
     valid = "-" if valid is None else f"{valid:.4f}"
-    return (f"| {name:<32} | {cells} | {valid:>6} | {result['seconds']:.0f} | "
+    return (f"| {name:<32} | {cells} | {paired(result, base)} | {valid:>6} | {result['seconds']:.0f} | "
             f"{result['rss_mb']:.0f} |")
 
 
@@ -173,6 +216,11 @@ def main():
     parser.add_argument("--runs", default=None, help="comma-separated run names (default: all)")
     parser.add_argument("--checkpoint_dir", default="saved/bench_tca4rec")
     parser.add_argument("--output", default=None, help="also write the results as JSON here")
+    parser.add_argument("--backbones", default=",".join(BACKBONES),
+                        help="comma-separated backbones for the 'alone' rows (default: all; '' = none)")
+    parser.add_argument("--no_speed", action="store_true", help="skip the speed measurements (e.g. a parallel part)")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="print one table from the --output files of runs made in parts (same settings)")
     parser.add_argument("--child", default=None)
     parser.add_argument("--overrides", default=None)
     args, extra = parser.parse_known_args()
@@ -182,6 +230,19 @@ def main():
         overrides = json.loads(args.overrides)
         result = {"run": child_run, "backbones": child_backbones, "speed": child_speed}[args.child](overrides)
         print(json.dumps(result))
+        return
+
+    if args.merge:
+        parts = [json.load(open(path)) for path in args.merge]
+        settings = [{k: v for k, v in p["settings"].items()} for p in parts]
+        if any(s != settings[0] for s in settings[1:]):
+            sys.exit(f"--merge: the files were not run with the same settings: {args.merge}")
+        results = {}
+        for part in parts:
+            results.update(part["results"])
+        order = [f"{b} alone" for b in BACKBONES] + list(RUNS)
+        print_table([(name, results[name]) for name in order if name in results],
+                    next((p["speed"] for p in parts if p.get("speed")), None), results)
         return
 
     name = f"ml-100k-u{args.users}"
@@ -200,23 +261,39 @@ def main():
           f"item_identifier={args.identifier}, "
           f"llm_path={common.get('llm_path', 'smollm2')}; overrides {extra}", flush=True)
 
-    speed = spawn("speed", dict(common, repeats=args.repeats, **RUNS[DEFAULT_RUN]))
-    results, lines = {}, []
-    backbones = spawn("backbones", dict(common))
-    for backbone in BACKBONES:
-        results[f"{backbone} alone"] = backbones[backbone]
-        lines.append(row(f"{backbone} alone", backbones[backbone]))
-        print(lines[-1], flush=True)
-    for run in (args.runs.split(",") if args.runs else RUNS):
+    speed = None if args.no_speed else spawn("speed", dict(common, repeats=args.repeats, **RUNS[DEFAULT_RUN]))
+    results = {}
+    chosen = [b for b in args.backbones.split(",") if b]
+    unknown = [b for b in chosen if b not in BACKBONES]
+    if unknown:
+        sys.exit(f"--backbones: unknown {unknown}; choose from {BACKBONES}")
+    if chosen:
+        backbones = spawn("backbones", dict(common, bench_backbones=chosen))
+        for backbone in chosen:
+            results[f"{backbone} alone"] = backbones[backbone]
+            print(row(f"{backbone} alone", backbones[backbone]), flush=True)
+    runs = args.runs.split(",") if args.runs else list(RUNS)
+    unknown = [run for run in runs if run not in RUNS]
+    if unknown:
+        sys.exit(f"--runs: unknown {unknown}; choose from {list(RUNS)}")
+    for run in runs:
         results[run] = spawn("run", dict(common, **RUNS[run]))
-        lines.append(row(run, results[run]))
-        print(lines[-1], flush=True)
+        print(row(run, results[run]), flush=True)
+    print_table(list(results.items()), speed, results)
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"results": results, "speed": speed, "settings": common}, f, indent=2)
 
+
+def print_table(rows, speed, results):
     header = " | ".join(f"{c.replace('hit', 'HR').replace('ndcg', 'N'):>6}" for c in COLUMNS)
-    print(f"\n| {'run':<32} | {header} | valid N@10 | time (s) | peak RSS (MB) |")
-    print("|" + "---|" * (len(COLUMNS) + 4))
-    for line in lines:
-        print(line)
+    base = results.get(BASE_RUN)
+    print(f"\n| {'run':<32} | {header} | HR@10 vs base, user by user | valid N@10 | time (s) | peak RSS (MB) |")
+    print("|" + "---|" * (len(COLUMNS) + 5))
+    for name, result in rows:
+        print(row(name, result, base))
+    if speed is None:
+        return
     print(f"\nspeed (one batch of {speed['batch']} rows, {speed['answer_tokens']} target tokens, vocabulary "
           f"{speed['vocab']}, medians of {speed['repeats']}):")
     print(f"  plain NTP step {speed['ntp_step'] * 1e3:.1f} ms; TCA4Rec step {speed['tca_step'] * 1e3:.1f} ms: "
@@ -229,9 +306,6 @@ def main():
     if default:
         print(f"  default run ({DEFAULT_RUN}, scaled as above): {default['seconds']:.0f} s wall, "
               f"peak RSS {default['rss_mb']:.0f} MB")
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump({"results": results, "speed": speed, "settings": common}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -158,6 +158,9 @@ def test_training_rows_per_user_and_options(tiny_seq_data):
     assert sorted(users.tolist()) == sorted(2 * list(range(1, 41)))
     lengths = torch.cat([b[model.ITEM_SEQ_LEN] for b in batches])
     assert set(lengths.tolist()) == {6, 7}  # each user's last two training targets (10 items: histories 1..7)
+    assert model.final_stage().batches is not None
+    _, every_row, _, _, _ = build(tiny_seq_data, alpha=0, train_rows_per_user=None)
+    assert every_row.final_stage().batches is None  # ~: RecBole's own loop over every training row
     with pytest.raises(ConfigError, match="item_identifier: unknown 'isbn'"):
         build(tiny_seq_data, item_identifier="isbn")
     with pytest.raises(ConfigError, match="num_beams"):

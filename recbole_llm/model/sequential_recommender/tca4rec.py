@@ -15,6 +15,9 @@ Stages:
                               (``mixture``: -log sum_v q_t,v p_t,v, the reference code; ``soft_ce``: -sum_v
                               q_t,v log p_t,v, the paper's formula); ``temperature`` and ``msl`` (masked softmax
                               over the trie's children) shape p_t. alpha = 0 is plain next-token prediction.
+                              Rows: ``train_rows_per_user`` (default 1, CPU-sized: each user's latest training
+                              target per epoch, 943 rows on ml-100k); ``~`` trains on every training row as the
+                              reference does (RecBole's one row per target; 99k rows on ml-100k, for a GPU).
 
 Inference: beam search constrained by the item trie (``num_beams`` >= max(topk)) gives every user its top
 ``num_beams`` real items in order; RecBole's full-ranking evaluator ranks them first, every other item tied below
