@@ -36,7 +36,10 @@
    ``OSError`` becomes one ``WriteError`` line (``cannot write checkpoint PATH: No space left on device``).
    RecBole's own models (BPR, LightGCN, ...) and ours get it alike; the stage cache saves the same way.
 """
+import _thread
 import os
+import sys
+import threading
 import types
 import warnings
 
@@ -75,6 +78,25 @@ def atomic_save(obj, f, **kwargs):
         if isinstance(e, OSError):
             raise WriteError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
         raise
+
+
+def reraise_swallowed_interrupts():
+    """Python ignores an exception raised in a finalizer (a ``__del__``, a generator's clean-up, a weakref
+    callback): it prints "Exception ignored in ..." and goes on. A Ctrl-C that lands while one runs would be lost
+    and training would go on; this re-delivers it to the main thread, as if pressed again at once."""
+    if getattr(sys.unraisablehook, "reraises_interrupts", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+            # from a thread, a moment later: raised from here it would be ignored in this hook in turn
+            threading.Timer(0.05, _thread.interrupt_main).start()
+        else:
+            previous(unraisable)
+
+    hook.reraises_interrupts = True
+    sys.unraisablehook = hook
 
 
 def _interrupted(error):

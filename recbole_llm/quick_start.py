@@ -14,7 +14,7 @@ import torch.distributed as dist
 from recbole.config import Config as RecBoleConfig
 from recbole.utils import get_environment, get_flops, init_logger, init_seed, set_color
 
-from recbole_llm.compat import torch_load
+from recbole_llm.compat import reraise_swallowed_interrupts, torch_load
 from recbole_llm.config import Config
 from recbole_llm.errors import ConfigError, WriteError
 from recbole_llm.utils import create_dataset, data_preparation, get_model, get_trainer
@@ -183,6 +183,7 @@ def main(argv=None):
     parser.add_argument("--group_offset", type=int, default=0, help="rank of this machine's first process")
     args, _ = parser.parse_known_args(argv)
     config_file_list = args.config_files.strip().split(" ") if args.config_files else None
+    reraise_swallowed_interrupts()
     try:
         run(args.model, args.dataset, config_file_list=config_file_list, nproc=args.nproc,
             world_size=args.world_size, ip=args.ip, port=args.port, group_offset=args.group_offset)

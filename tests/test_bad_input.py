@@ -8,6 +8,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -312,6 +313,25 @@ def test_disk_full_during_training_is_one_line(bad, monkeypatch):
         ": No space left on device"), lines
 
 
+def test_ctrl_c_swallowed_by_a_finalizer_is_delivered_again(monkeypatch):
+    """Python ignores a KeyboardInterrupt raised in a finalizer ("Exception ignored in ...") and goes on: a Ctrl-C
+    that lands in a ``__del__`` would be lost and training would go on. The CLI's hook delivers it again."""
+    import time
+
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+    compat.reraise_swallowed_interrupts()
+
+    class Finalized:
+        def __del__(self):
+            raise KeyboardInterrupt  # where the Ctrl-C landed
+
+    with pytest.raises(KeyboardInterrupt):
+        Finalized()
+        deadline = time.time() + 5
+        while time.time() < deadline:
+            time.sleep(0.01)
+
+
 def test_ctrl_c_is_one_line_exit_130(bad, monkeypatch):
     import recbole_llm.quick_start as quick_start
 
@@ -367,9 +387,16 @@ def test_ctrl_c_mid_run_keeps_a_complete_checkpoint(tmp_path):
     proc.send_signal(signal.SIGINT)
     try:
         _, err = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:  # a first Ctrl-C was sometimes not acted on in full-suite runs (open):
-        proc.send_signal(signal.SIGINT)  # a user presses it again; the checkpoint must still be complete
+    except subprocess.TimeoutExpired:  # a first Ctrl-C was sometimes not acted on in full-suite runs (open; not
+        # reproduced alone in 10 of 10 tries): a user presses it again; the checkpoint must still be complete.
+        # The warning (in pytest's summary) keeps what the child's signal state was, to find the cause.
+        with open(f"/proc/{proc.pid}/status") as f:
+            state = " ".join(line.strip() for line in f if line.startswith(("SigBlk", "SigIgn", "SigCgt", "SigPnd",
+                                                                              "ShdPnd", "State")))
+        proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
+        ignored = [line for line in err.splitlines() if "Exception ignored" in line]
+        warnings.warn(f"the first SIGINT was not acted on within 60 s: child {state}; {ignored[:3]}")
     assert proc.returncode == 130, err[-2000:]
     assert err.strip().splitlines()[-1].startswith("recbole-llm: interrupted: ") and "Traceback" not in err
     (checkpoint,) = (tmp_path / "saved").iterdir()  # no temporary file left beside it
