@@ -318,18 +318,25 @@ def test_ctrl_c_swallowed_by_a_finalizer_is_delivered_again(monkeypatch):
     that lands in a ``__del__`` would be lost and training would go on. The CLI's hook delivers it again."""
     import time
 
+    import signal
+
     monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+    # a suite started as a background job inherits SIGINT ignored: give it Python's handler, as a CLI run has
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     compat.reraise_swallowed_interrupts()
 
     class Finalized:
         def __del__(self):
             raise KeyboardInterrupt  # where the Ctrl-C landed
 
-    with pytest.raises(KeyboardInterrupt):
-        Finalized()
-        deadline = time.time() + 5
-        while time.time() < deadline:
-            time.sleep(0.01)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            Finalized()
+            deadline = time.time() + 5
+            while time.time() < deadline:
+                time.sleep(0.01)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_ctrl_c_is_one_line_exit_130(bad, monkeypatch):
@@ -379,7 +386,9 @@ def test_ctrl_c_mid_run_keeps_a_complete_checkpoint(tmp_path):
         [sys.executable, os.path.join(ROOT, "run_recbole_llm.py"), "--model=BPR", "--dataset=tiny",
          f"--config_files={tmp_path / 'base.yaml'}", "--epochs=100000", "--stopping_step=100000"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=dict(os.environ, OMP_NUM_THREADS="1"))
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        # a suite started as a background job (``cmd &``, nohup) inherits SIGINT ignored, and so would the run
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while not list((tmp_path / "saved").glob("*.pth")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
