@@ -175,7 +175,7 @@ class Ranking:
             self.seq_field = config["ITEM_ID_FIELD"] + config["LIST_SUFFIX"]
             self.seq_len_field = config["ITEM_LIST_LENGTH_FIELD"]
         self.batch_size = int(config["llm_eval_batch_size"])
-        self.show_progress = bool(config["show_progress"])
+        self.show_progress = "show_progress" in config and bool(config["show_progress"])
         self.rank, self.world = (0, 1) if config["single_spec"] else (config["local_rank"], config["world_size"])
         self.cache = TopKCache(self.k)
         self.train_history = None if self.sequential else training_history(dataset)
