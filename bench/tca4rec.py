@@ -234,7 +234,7 @@ def main():
 
     if args.merge:
         parts = [json.load(open(path)) for path in args.merge]
-        settings = [{k: v for k, v in p["settings"].items()} for p in parts]
+        settings = [part["settings"] for part in parts]
         if any(s != settings[0] for s in settings[1:]):
             sys.exit(f"--merge: the files were not run with the same settings: {args.merge}")
         results = {}

@@ -150,8 +150,8 @@ class TCA4Rec(SemanticIDs, TopKRanked, LLMRecommender, SequentialRecommender):
     def final_stage(self):
         """2. Soft label alignment: LoRA trained by RecBole's loop (validation, early stopping)."""
         batches = None if self.config["train_rows_per_user"] is None else self.train_batches
-        modules = self.fine_tuned_modules() if self.identifier == "semantic_id" else ["llm"]
-        return TrainStage("soft_label_alignment", modules=modules, batches=batches, loss=self.calculate_loss)
+        return TrainStage("soft_label_alignment", modules=self.fine_tuned_modules(), batches=batches,
+                          loss=self.calculate_loss)
 
     def train_batches(self, train_data, epoch):
         """Each user's last ``train_rows_per_user`` training rows (of RecBole's one row per target), shuffled."""
