@@ -1,7 +1,7 @@
 """TCA4Rec on ml-100k (leave-one-out, RecBole's sequential preset, one seed): one table, and speed ratios.
 
     python bench/tca4rec.py [--users 100] [--rows 2] [--history 5] [--runs NAME,...] [--repeats 5]
-                            [--identifier title|semantic_id] [--backbones SASRec,MF,...] [--no_speed]
+                            [--identifier title|semantic_id] [--backbones SASRec,MF,...] [--no_speed | --speed_only]
                             [--output part.json] [--key=value ...]  (e.g. --eval_step=0: no validation pass)
     python bench/tca4rec.py --merge part1.json part2.json    (one table from parts run side by side)
 
@@ -219,6 +219,8 @@ def main():
     parser.add_argument("--backbones", default=",".join(BACKBONES),
                         help="comma-separated backbones for the 'alone' rows (default: all; '' = none)")
     parser.add_argument("--no_speed", action="store_true", help="skip the speed measurements (e.g. a parallel part)")
+    parser.add_argument("--speed_only", action="store_true",
+                        help="only the speed measurements (e.g. on a quiet machine, after the table's parts)")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="print one table from the --output files of runs made in parts (same settings)")
     parser.add_argument("--child", default=None)
@@ -263,6 +265,12 @@ def main():
 
     speed = None if args.no_speed else spawn("speed", dict(common, repeats=args.repeats, **RUNS[DEFAULT_RUN]))
     results = {}
+    if args.speed_only:
+        print_table([], speed, results)
+        if args.output:
+            with open(args.output, "w") as f:
+                json.dump({"results": results, "speed": speed, "settings": common}, f, indent=2)
+        return
     chosen = [b for b in args.backbones.split(",") if b]
     unknown = [b for b in chosen if b not in BACKBONES]
     if unknown:

@@ -35,6 +35,12 @@
    once complete; on any failure the temporary file is removed, the previous checkpoint is intact and an
    ``OSError`` becomes one ``WriteError`` line (``cannot write checkpoint PATH: No space left on device``).
    RecBole's own models (BPR, LightGCN, ...) and ours get it alike; the stage cache saves the same way.
+10. ``recbole/model/sequential_recommender/sine.py`` calls ``torch.autograd.set_detect_anomaly(True)`` when it is
+   imported, and the package imports it with every sequential model: once any RecBole sequential model is loaded
+   (SASRec as a backbone, ``get_model``), every backward of the process, the LLM's included, runs in anomaly
+   mode (a NaN check of every gradient, a traceback kept per op; a SASRec step on ml-100k 1.5x slower here).
+   The package is imported here and the mode switched back off (``torch.autograd.set_detect_anomaly(True)``
+   after this still turns it on for debugging).
 """
 import _thread
 import os
@@ -249,6 +255,10 @@ def apply():
     import recbole.trainer.hyper_tuning as recbole_hyper_tuning
 
     recbole_hyper_tuning.np = _NumpyProxy()
+    anomaly = torch.is_anomaly_enabled()
+    import recbole.model.sequential_recommender  # noqa: F401  (sine.py turns anomaly mode on at import)
+
+    torch.autograd.set_detect_anomaly(anomaly)
     # RecBole's dataloaders warn on every epoch about a pandas-era idiom that is harmless here.
     warnings.filterwarnings("ignore", category=FutureWarning, module="recbole")
     _APPLIED = True

@@ -1,5 +1,7 @@
 """Config overlay and model lookup."""
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -87,3 +89,13 @@ def test_model_lookup_imports_no_model():
             "print(sorted(m for m in sys.modules if m.startswith('recbole_llm.model')))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.strip() == "[]", out
+
+
+def test_recbole_sequential_models_leave_anomaly_mode_off():
+    """RecBole's sine.py turns autograd's anomaly mode on at import (every backward then checks every gradient
+    for NaN); loading a RecBole sequential model through recbole_llm must leave it off."""
+    code = ("import torch; from recbole_llm import compat; compat.apply(); "
+            "from recbole_llm.utils import get_model; get_model('SASRec'); "
+            "import recbole.model.sequential_recommender.sine; print(torch.is_anomaly_enabled())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == "False"
