@@ -165,6 +165,8 @@ def test_training_rows_per_user_and_options(tiny_seq_data):
         build(tiny_seq_data, item_identifier="isbn")
     with pytest.raises(ConfigError, match="num_beams"):
         build(tiny_seq_data, num_beams=5)
+    with pytest.raises(ConfigError, match="history_len: 12 items per prompt, but RecBole keeps MAX_ITEM_LIST_LENGTH=10"):
+        build(tiny_seq_data, history_len=12, MAX_ITEM_LIST_LENGTH=10)
 
 
 def test_tca4rec_trains_with_cf_labels_end_to_end(tiny_seq_data):

@@ -9,6 +9,9 @@ Stages:
   1. cf_pretrain              (alpha > 0) the CF backbone (``cf_backbone``: SASRec | MF | LightGCN | DCCF) trained
                               by RecBole on the training split, frozen: item logits s_u per training row
                               (``model/backbone.py``; cached and shared with every model over that backbone).
+                              A sequential teacher reads RecBole's item list of the row, ``MAX_ITEM_LIST_LENGTH``
+                              = 10 by default: the prompt's last ``history_len`` = 10 items, as the reference's
+                              SASRec (maxlen 10).
   2. soft_label_alignment     (the final stage, RecBole's loop) LoRA on the LLM with the soft next-token loss:
                               collaborative tokenizer P_cf,t from s_u over the trie subtree of the ground-truth
                               prefix, label q_t = (1 - alpha) onehot(y_t) + alpha P_cf,t, loss ``tca_loss``
@@ -127,6 +130,9 @@ class TCA4Rec(SemanticIDs, TopKRanked, LLMRecommender, SequentialRecommender):
         for key in ("history_len", "num_beams"):
             if not isinstance(config[key], int) or config[key] < 1:
                 raise ConfigError(f"{key}: must be a positive integer, got {config[key]!r}")
+        if config["history_len"] > config["MAX_ITEM_LIST_LENGTH"]:
+            raise ConfigError(f"history_len: {config['history_len']} items per prompt, but RecBole keeps "
+                              f"MAX_ITEM_LIST_LENGTH={config['MAX_ITEM_LIST_LENGTH']} per row (raise it)")
         if config["num_beams"] < max(config["topk"]):
             raise ConfigError(f"num_beams: {config['num_beams']} beams rank fewer items than topk "
                               f"{max(config['topk'])}")
