@@ -42,7 +42,8 @@ Where the paper is silent, this implementation chooses:
     sample (the model would never see the inference prompt otherwise). Negatives: ``neg_ratio`` negative prompts
     per sequential prompt, each an item the user never interacted with in the training split.
   - Sequential samples are RecBole's training rows (one per target item, history up to ``MAX_ITEM_LIST_LENGTH`` =
-    20); ``seq_rows_per_user`` keeps each user's latest rows only (None: all).
+    20); ``seq_rows_per_user`` keeps each user's latest rows only: 1 by default, CPU-sized (the paper trains on
+    every row, ``~``: ~25k steps of 16 on ml-100k, hours on a GPU, days on a 2-core CPU).
   - "ED" (``tokenization: ed``): an MLP encoder / decoder around the codebooks with RQ-VAE's reconstruction and
     commitment (0.25) losses added; "w/o AM" (``llm_alignment: False``): no L^L.
   - ``code_token_init: mlp2 | mlp3`` (Table 7): the code tokens' input rows are, at every forward, a 2- / 3-layer
