@@ -76,7 +76,11 @@ def test_warm_cold_report(labeled_data, tmp_path):
     trainer = get_trainer(config["MODEL_TYPE"], "FM")(config, model)
     trainer.fit(train_data, valid_data, saved=False)
 
+    scored, predict = [], model.predict
+    model.predict = lambda interaction: (scored.append(len(interaction)), predict(interaction))[1]
     report = warm_cold_report(trainer, train_data.dataset, test_data)
+    model.predict = predict
+    assert sum(scored) == len(test_data.dataset.inter_feat)  # every row is scored once for the three groups
     assert report["all"] == trainer.evaluate(test_data, load_best_model=False)
     assert set(report["warm"]) == set(report["cold"]) == {"auc", "uauc", "logloss"}
 

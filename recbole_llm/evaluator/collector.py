@@ -14,7 +14,7 @@ from recbole.utils import EvaluatorType
 from torch.utils.data.distributed import DistributedSampler
 
 # Collected tensors with one entry per evaluated row (labeled) or per evaluated user / sequence (ranking).
-ROW_KEYS = ("rec.items", "rec.topk", "rec.meanrank", "rec.score", "data.label", "data.user")
+ROW_KEYS = ("rec.items", "rec.topk", "rec.meanrank", "rec.score", "data.label", "data.user", "data.item")
 
 
 class Collector(RecBoleCollector):
@@ -22,6 +22,7 @@ class Collector(RecBoleCollector):
         super().__init__(config)
         self.real_samples = None  # this rank's samples that are not padding; None: no gathering
         self.gathered = False  # the last data struct holds every rank's rows
+        self.collect_items = False  # also record ``data.item`` (ITEM_ID_FIELD of each row; the warm / cold report)
         self._next_sample = 0
 
     def begin(self, eval_data):
@@ -37,6 +38,8 @@ class Collector(RecBoleCollector):
         super().eval_batch_collect(scores_tensor, interaction, positive_u, positive_i)
         if self.register.need("data.user"):
             self.data_struct.update_tensor("data.user", interaction[self.config["USER_ID_FIELD"]].to(self.device))
+        if self.collect_items:
+            self.data_struct.update_tensor("data.item", interaction[self.config["ITEM_ID_FIELD"]].to(self.device))
         if self.real_samples is not None:
             self.data_struct.update_tensor("data.sample", self._sample_of_rows(scores_tensor, positive_u))
 
@@ -57,7 +60,7 @@ class Collector(RecBoleCollector):
         if self.real_samples is not None:
             self._gather_real_rows()
         struct = super().get_data_struct()
-        for key in ("data.user", "data.sample"):
+        for key in ("data.user", "data.item", "data.sample"):
             if key in self.data_struct:
                 del self.data_struct[key]
         if "data.sample" in struct:
@@ -68,7 +71,7 @@ class Collector(RecBoleCollector):
         """Every rank's rows without the sampler's padding, on every rank (same keys on all ranks: collectives)."""
         real = self.data_struct["data.sample"] < self.real_samples if "data.sample" in self.data_struct else None
         for key in ROW_KEYS:
-            if not self.register.need(key):
+            if not (self.register.need(key) or key == "data.item" and self.collect_items):
                 continue
             mine = None
             if key in self.data_struct:

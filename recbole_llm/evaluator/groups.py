@@ -14,10 +14,16 @@ config["model"])(config, model)``. In a multi-process run every rank calls it (t
 """
 import numpy as np
 import torch
+from recbole.evaluator.collector import DataStruct
+
+from recbole_llm.evaluator.collector import ROW_KEYS
 
 
 def warm_cold_report(trainer, train_dataset, eval_data):
     """Evaluate ``eval_data`` whole and restricted to warm / cold item rows, with the trainer's metrics.
+
+    The model scores every row once: RecBole's evaluation of the whole loader, whose collected rows (scores,
+    labels, users, and each row's item) are then split by group and given to RecBole's evaluator again.
 
     Args:
         trainer (recbole.trainer.Trainer): holds the model to evaluate (as it is: no checkpoint is loaded).
@@ -28,18 +34,30 @@ def warm_cold_report(trainer, train_dataset, eval_data):
         dict: ``{"all": result, "warm": result, "cold": result}``, each RecBole's ``OrderedDict`` of metrics
         (``trainer.evaluate``), or ``None`` for a group without rows.
     """
-    item_field = trainer.config["ITEM_ID_FIELD"]
-    eval_dataset = eval_data._dataset
-    warm_items = np.unique(train_dataset.inter_feat[item_field].numpy())
-    is_warm = np.isin(eval_dataset.inter_feat[item_field].numpy(), warm_items)
-    report = {"all": trainer.evaluate(eval_data, load_best_model=False)}
+    warm_items = torch.from_numpy(np.unique(train_dataset.inter_feat[trainer.config["ITEM_ID_FIELD"]].numpy()))
+    collector, evaluator = trainer.eval_collector, trainer.evaluator
+    captured = {}
+
+    def evaluate(struct):
+        captured["struct"] = struct
+        return evaluator.__class__.evaluate(evaluator, struct)
+
+    collector.collect_items, evaluator.evaluate = True, evaluate
+    try:
+        report = {"all": trainer.evaluate(eval_data, load_best_model=False)}
+    finally:
+        collector.collect_items = False
+        del evaluator.evaluate
+    struct = captured["struct"]
+    is_warm = torch.isin(struct["data.item"], warm_items)
     for group, rows in (("warm", is_warm), ("cold", ~is_warm)):
-        report[group] = _evaluate_rows(trainer, eval_data, np.flatnonzero(rows)) if rows.any() else None
+        report[group] = evaluator.evaluate(_rows_of(struct, rows)) if rows.any() else None
     return report
 
 
-def _evaluate_rows(trainer, eval_data, rows):
-    """RecBole's evaluation of ``eval_data`` on some of its rows (a loader of the same class on a dataset copy)."""
-    subset = eval_data._dataset.copy(eval_data._dataset.inter_feat[torch.from_numpy(rows)])
-    loader = type(eval_data)(eval_data.config, subset, eval_data._sampler, shuffle=False)
-    return trainer.evaluate(loader, load_best_model=False)
+def _rows_of(struct, rows):
+    """A copy of RecBole's collected ``DataStruct`` with the per-row tensors cut to ``rows`` (a bool mask)."""
+    out = DataStruct()
+    for key, value in struct._data_dict.items():
+        out.set(key, value[rows] if key in ROW_KEYS and torch.is_tensor(value) else value)
+    return out
