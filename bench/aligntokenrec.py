@@ -2,6 +2,7 @@
 ablations; tokenization statistics per codebook setting; serving and decoding speed.
 
     python bench/aligntokenrec.py [--users 50] [--items 300] [--variants default,wo_ns,...] [--key=value ...]
+    python bench/aligntokenrec.py [same --users / --items / --checkpoint_dir] --speed_only
 
 Scaled to a shared CPU (stated in the table's header): a sample of ``--users`` ml-100k users and their
 interactions on the ``--items`` most popular items (``--users 0 --items 0``: all of ml-100k),
@@ -146,6 +147,8 @@ def main():
     parser.add_argument("--checkpoint_dir", default="saved/bench_aligntokenrec")
     parser.add_argument("--seed", type=int, default=2020)
     parser.add_argument("--output", default=None, help="also write the results as JSON here")
+    parser.add_argument("--speed_only", action="store_true",
+                        help="only table 3, on the newest default checkpoint in --checkpoint_dir (e.g. quiet, later)")
     parser.add_argument("--_one", default=None, help=argparse.SUPPRESS)
     args, extra = parser.parse_known_args()
     if args._one:
@@ -168,6 +171,8 @@ def main():
                      checkpoint_dir=os.path.join(args.checkpoint_dir, "baselines"), MAX_ITEM_LIST_LENGTH=20,
                      **({"data_path": data_path} if sampled else {}))
     results, lines = {}, []
+    if args.speed_only:
+        args.baselines = args.variants = args.tokenization = ""
     lines.append(f"ml-100k, {args.users or 943} users sampled (seed {args.seed}), their interactions on the "
                  f"{args.items or 1682} most popular items, leave-one-out, full ranking; "
                  f"AlignTokenRec: {base['seq_rows_per_user']} latest training rows per user, 1 epoch, SmolLM2-135M "
@@ -196,9 +201,11 @@ def main():
                      f"{stats['unique']} |")
         print(lines[-1], flush=True)
 
-    if "default" in args.variants.split(","):
+    if "default" in args.variants.split(",") or args.speed_only:
         checkpoints = sorted(glob.glob(os.path.join(args.checkpoint_dir, "AlignTokenRec-*.pth")), key=os.path.getmtime)
         default = [c for c in checkpoints if _is_default(c)]
+        if not default:
+            sys.exit(f"no checkpoint of the default AlignTokenRec in {args.checkpoint_dir}: run --variants default")
         s = results["speed"] = speed(default[-1])
         lines.append(f"\nspeed (default run, 32 users, beam {base['beam_size']}): beam search "
                      f"{s['beam_per_user_s'] * 1e3:.1f} ms/user, cache lookup {s['lookup_per_user_s'] * 1e6:.2f} "
