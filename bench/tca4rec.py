@@ -213,7 +213,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats of the speed measurements")
     parser.add_argument("--identifier", default="title", choices=["title", "semantic_id"],
                         help="item_identifier of the LLM rows")
-    parser.add_argument("--runs", default=None, help="comma-separated run names (default: all)")
+    parser.add_argument("--runs", default=None, help="comma-separated run names (default: all; \"\": none)")
     parser.add_argument("--checkpoint_dir", default="saved/bench_tca4rec")
     parser.add_argument("--output", default=None, help="also write the results as JSON here")
     parser.add_argument("--backbones", default=",".join(BACKBONES),
@@ -280,7 +280,7 @@ def main():
         for backbone in chosen:
             results[f"{backbone} alone"] = backbones[backbone]
             print(row(f"{backbone} alone", backbones[backbone]), flush=True)
-    runs = args.runs.split(",") if args.runs else list(RUNS)
+    runs = list(RUNS) if args.runs is None else [run for run in args.runs.split(",") if run]  # "": none
     unknown = [run for run in runs if run not in RUNS]
     if unknown:
         sys.exit(f"--runs: unknown {unknown}; choose from {list(RUNS)}")
