@@ -267,9 +267,7 @@ def main():
     results = {}
     if args.speed_only:
         print_table([], speed, results)
-        if args.output:
-            with open(args.output, "w") as f:
-                json.dump({"results": results, "speed": speed, "settings": common}, f, indent=2)
+        write_output(args.output, results, speed, common)
         return
     chosen = [b for b in args.backbones.split(",") if b]
     unknown = [b for b in chosen if b not in BACKBONES]
@@ -288,9 +286,14 @@ def main():
         results[run] = spawn("run", dict(common, **RUNS[run]))
         print(row(run, results[run]), flush=True)
     print_table(list(results.items()), speed, results)
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump({"results": results, "speed": speed, "settings": common}, f, indent=2)
+    write_output(args.output, results, speed, common)
+
+
+def write_output(path, results, speed, settings):
+    """The run's parts as JSON for ``--merge`` (nothing without ``--output``)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump({"results": results, "speed": speed, "settings": settings}, f, indent=2)
 
 
 def print_table(rows, speed, results):

@@ -23,6 +23,7 @@ class Collector(RecBoleCollector):
         self.real_samples = None  # this rank's samples that are not padding; None: no gathering
         self.gathered = False  # the last data struct holds every rank's rows
         self.collect_items = False  # also record ``data.item`` (ITEM_ID_FIELD of each row; the warm / cold report)
+        self.last_struct = None  # with collect_items: the last evaluation's collected rows, as given to the metrics
         self._next_sample = 0
 
     def begin(self, eval_data):
@@ -65,6 +66,7 @@ class Collector(RecBoleCollector):
                 del self.data_struct[key]
         if "data.sample" in struct:
             del struct["data.sample"]
+        self.last_struct = struct if self.collect_items else None
         return struct
 
     def _gather_real_rows(self):

@@ -35,23 +35,16 @@ def warm_cold_report(trainer, train_dataset, eval_data):
         (``trainer.evaluate``), or ``None`` for a group without rows.
     """
     warm_items = torch.from_numpy(np.unique(train_dataset.inter_feat[trainer.config["ITEM_ID_FIELD"]].numpy()))
-    collector, evaluator = trainer.eval_collector, trainer.evaluator
-    captured = {}
-
-    def evaluate(struct):
-        captured["struct"] = struct
-        return evaluator.__class__.evaluate(evaluator, struct)
-
-    collector.collect_items, evaluator.evaluate = True, evaluate
+    collector = trainer.eval_collector
+    collector.collect_items = True
     try:
         report = {"all": trainer.evaluate(eval_data, load_best_model=False)}
     finally:
         collector.collect_items = False
-        del evaluator.evaluate
-    struct = captured["struct"]
+    struct, collector.last_struct = collector.last_struct, None
     is_warm = torch.isin(struct["data.item"], warm_items)
     for group, rows in (("warm", is_warm), ("cold", ~is_warm)):
-        report[group] = evaluator.evaluate(_rows_of(struct, rows)) if rows.any() else None
+        report[group] = trainer.evaluator.evaluate(_rows_of(struct, rows)) if rows.any() else None
     return report
 
 
