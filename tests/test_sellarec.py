@@ -65,6 +65,14 @@ def test_the_score_is_p_yes_among_yes_and_no(labeled_data, tmp_path):
     by_hand = torch.softmax(logits[:, model.answer_ids].float(), -1)[:, 0]
     assert torch.allclose(scores, by_hand, atol=1e-5)
 
+    # predict() batches prompts of similar length together; the scores come back in the rows' order.
+    model.config["llm_eval_batch_size"] = 2
+    rows = test._dataset.inter_feat[torch.arange(12)]
+    lengths = [len(ids) for ids, _, _ in model._encode(rows)]
+    assert sorted(range(12), key=lengths.__getitem__) != list(range(12))  # the batching reorders these rows
+    alone = torch.cat([model.predict(rows[row:row + 1]) for row in range(12)])
+    assert torch.allclose(model.predict(rows), alone, atol=1e-5)
+
 
 def test_placeholder_positions_receive_the_projected_vectors(labeled_data, tmp_path):
     _, model, train, _, _ = _build(labeled_data, tmp_path)

@@ -330,21 +330,23 @@ class SeLLaRec(LLMRecommender, GeneralRecommender):
                                            **fields))
         return encoded
 
-    def choice_logits(self, interaction):
-        """(B, 2) [l_Yes, l_No] at the answer position (eq. 2)."""
+    def _encode(self, interaction):
+        """The rows' prompts: with the placeholder tokens in use (stage 3), else the text prompt (TALLRec)."""
         if self.tokens:
-            encoded = self._prompts(interaction, self.token_template, self.token_vectors(interaction))
-        else:
-            encoded = self._prompts(interaction, self.text_template)
+            return self._prompts(interaction, self.token_template, self.token_vectors(interaction))
+        return self._prompts(interaction, self.text_template)
+
+    def _choice_logits(self, encoded):
         input_ids, attention, placeholder, vectors, _ = collate(encoded, self.tokenizer.pad_token_id, "left")
         return choice_logits(self.llm, input_ids.to(self.device), attention.to(self.device), self.answer_ids,
                              placeholder.to(self.device), vectors)
 
+    def choice_logits(self, interaction):
+        """(B, 2) [l_Yes, l_No] at the answer position (eq. 2)."""
+        return self._choice_logits(self._encode(interaction))
+
     def _choice_loss(self, encoded, label):
-        input_ids, attention, placeholder, vectors, _ = collate(encoded, self.tokenizer.pad_token_id, "left")
-        logits = choice_logits(self.llm, input_ids.to(self.device), attention.to(self.device), self.answer_ids,
-                               placeholder.to(self.device), vectors)
-        return F.cross_entropy(logits.float(), (label < 0.5).long())  # class 0 = Yes (eq. 5)
+        return F.cross_entropy(self._choice_logits(encoded).float(), (label < 0.5).long())  # class 0 = Yes (eq. 5)
 
     def calculate_loss(self, interaction):
         """Eq. 11: cross-entropy of P(Yes) = softmax([l_Yes, l_No])[Yes] against the label."""
@@ -360,10 +362,15 @@ class SeLLaRec(LLMRecommender, GeneralRecommender):
         if self.backbone_only:
             logits = self.mf_logits(interaction)
             return logits.clamp(0, 1) if self.config["mf_loss"] == "mse" else torch.sigmoid(logits)
-        size, scores = int(self.config["llm_eval_batch_size"]), []
+        size = int(self.config["llm_eval_batch_size"])
         autocast = bool(self.config["llm_autocast"]) and self.llm_dtype in (torch.bfloat16, torch.float16)
+        encoded = self._encode(interaction)
+        # prompts of similar length share a forward pass: less left padding to compute (the rows' order is kept)
+        order = sorted(range(len(encoded)), key=lambda row: len(encoded[row][0]))
+        scores = torch.empty(len(encoded), device=self.device)
         with torch.autocast(self.device.type, dtype=self.llm_dtype, enabled=autocast):
-            for start in range(0, len(interaction), size):
-                logits = self.choice_logits(interaction[start:start + size])
-                scores.append(torch.softmax(logits.float(), -1)[:, 0])
-        return torch.cat(scores)
+            for start in range(0, len(order), size):
+                rows = order[start:start + size]
+                logits = self._choice_logits([encoded[row] for row in rows])
+                scores[torch.as_tensor(rows, device=self.device)] = torch.softmax(logits.float(), -1)[:, 0]
+        return scores
