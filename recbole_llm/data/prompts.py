@@ -44,6 +44,13 @@ class PromptTemplate:
         return ids, vectors, positions
 
 
+def length_batches(lengths, batch_size):
+    """Row indices in batches of ``batch_size``, shortest rows first: rows of similar length share a batch, so
+    little padding is computed. Callers put each batch's outputs back at its indices."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 def collate(encoded, pad_id, padding_side="right"):
     """Batch ``encode`` outputs: (input_ids, attention_mask, placeholder_mask, vectors, positions)."""
     length = max(len(ids) for ids, _, _ in encoded)

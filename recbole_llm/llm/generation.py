@@ -7,6 +7,7 @@ import torch
 from tqdm import tqdm
 from transformers import GenerationMixin, LogitsProcessor, LogitsProcessorList
 
+from recbole_llm.data.prompts import length_batches
 from recbole_llm.errors import ConfigError
 from recbole_llm.llm.inputs import decoder, embed_inputs
 
@@ -90,9 +91,8 @@ def generate_text_variants(llm, tokenizer, rows, max_new_tokens=32, batch_size=1
         heads.append(head)
         tails.append(rest)
     device = next(llm.parameters()).device
-    order = sorted(range(len(rows)), key=lambda i: len(heads[i]) + sum(map(len, tails[i])))
     outputs = [[""] * len(rows) for _ in range(len(texts[0]) if texts else 0)]
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = length_batches([len(heads[i]) + sum(map(len, tails[i])) for i in range(len(rows))], batch_size)
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
         for batch in tqdm(batches, desc=desc, ncols=100, disable=not show_progress):

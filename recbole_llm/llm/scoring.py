@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from recbole_llm.data.prompts import collate
+from recbole_llm.data.prompts import collate, length_batches
 from recbole_llm.errors import ConfigError
 from recbole_llm.llm.inputs import input_embedding, last_hidden_states
 
@@ -104,10 +104,9 @@ def encode_texts(llm, tokenizer, texts, pooling="mean", batch_size=32, layer="la
                         max_length=max_length)["input_ids"]
     if any(len(ids) == 0 for ids in encoded):
         raise ConfigError("encode_texts: an empty text has no tokens to pool")
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     device = input_embedding(llm).weight.device
     out = torch.zeros(len(encoded), input_embedding(llm).weight.shape[1])
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = length_batches([len(ids) for ids in encoded], batch_size)
     for batch in tqdm(batches, desc=desc, ncols=100, disable=not show_progress):
         input_ids, attention, _, _, _ = collate([(encoded[i], [], {}) for i in batch], tokenizer.pad_token_id, "left")
         input_ids, attention = input_ids.to(device), attention.to(device)

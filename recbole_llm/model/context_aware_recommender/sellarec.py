@@ -47,7 +47,7 @@ from recbole.utils import InputType, ModelType
 from torch import nn
 
 from recbole_llm.data.item_text import load_item_texts
-from recbole_llm.data.prompts import PromptTemplate, collate
+from recbole_llm.data.prompts import PromptTemplate, collate, length_batches
 from recbole_llm.errors import ConfigError
 from recbole_llm.llm import (answer_labels, answer_token_ids, causal_lm_loss, choice_logits, embedding_std,
                              encode_texts, load_llm)
@@ -365,12 +365,9 @@ class SeLLaRec(LLMRecommender, GeneralRecommender):
         size = int(self.config["llm_eval_batch_size"])
         autocast = bool(self.config["llm_autocast"]) and self.llm_dtype in (torch.bfloat16, torch.float16)
         encoded = self._encode(interaction)
-        # prompts of similar length share a forward pass: less left padding to compute (the rows' order is kept)
-        order = sorted(range(len(encoded)), key=lambda row: len(encoded[row][0]))
         scores = torch.empty(len(encoded), device=self.device)
         with torch.autocast(self.device.type, dtype=self.llm_dtype, enabled=autocast):
-            for start in range(0, len(order), size):
-                rows = order[start:start + size]
+            for rows in length_batches([len(ids) for ids, _, _ in encoded], size):  # less left padding
                 logits = self._choice_logits([encoded[row] for row in rows])
                 scores[torch.as_tensor(rows, device=self.device)] = torch.softmax(logits.float(), -1)[:, 0]
         return scores
