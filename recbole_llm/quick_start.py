@@ -79,12 +79,17 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"])
-    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+    test_groups = _test(trainer, train_data, test_data, saved, config["show_progress"])
+    test_result = test_groups.pop("all")
 
     logger.info("The running environment of this training is as follows:\n" + get_environment(config).draw())
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
     logger.info(set_color("test result", "yellow") + f": {test_result}")
+    for group, group_result in test_groups.items():
+        logger.info(set_color(f"test result ({group} items)", "yellow") + f": {group_result or 'no rows'}")
     result = _result(config, best_valid_score, best_valid_result, test_result)
+    if test_groups:
+        result["test_result_groups"] = test_groups
     if not config["single_spec"]:
         dist.destroy_process_group()
     if config["local_rank"] == 0 and queue is not None:
@@ -110,8 +115,19 @@ def objective_function(config_dict=None, config_file_list=None, saved=True):
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     best_valid_score, best_valid_result = trainer.fit(train_data, valid_data, verbose=False, saved=saved)
-    test_result = trainer.evaluate(test_data, load_best_model=saved)
+    test_result = _test(trainer, train_data, test_data, saved)["all"]
     return _result(config, best_valid_score, best_valid_result, test_result)
+
+
+def _test(trainer, train_data, test_data, saved, show_progress=False):
+    """RecBole's test evaluation as ``{"all": result}``; with ``warm_cold_report`` the same scoring pass also
+    gives ``"warm"`` and ``"cold"`` (items with / without training rows; ``None`` for a group without rows)."""
+    if not trainer.config["warm_cold_report"]:
+        return {"all": trainer.evaluate(test_data, load_best_model=saved, show_progress=show_progress)}
+    from recbole_llm.evaluator import warm_cold_report
+
+    return warm_cold_report(trainer, train_data.dataset, test_data, load_best_model=saved,
+                            show_progress=show_progress)
 
 
 def _result(config, best_valid_score, best_valid_result, test_result):

@@ -25,6 +25,7 @@ import math
 import os
 
 import yaml
+from recbole.utils import EvaluatorType
 
 from recbole_llm.errors import ConfigError
 
@@ -285,6 +286,9 @@ def check_final_options(config):
         raise ConfigError(f"valid_metric: {config['valid_metric']} is not among metrics {config['metrics']}")
     if k and int(k) not in config["topk"]:
         raise ConfigError(f"valid_metric: {config['valid_metric']} needs {k} in topk {config['topk']}")
+    if config["warm_cold_report"] and config["eval_type"] != EvaluatorType.VALUE:
+        raise ConfigError(f"warm_cold_report: True needs labeled-mode metrics (AUC, UAUC, LogLoss), "
+                          f"not {config['metrics']}")
 
 
 # ----- config files ----------------------------------------------------------------------------------------

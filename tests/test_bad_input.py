@@ -88,6 +88,8 @@ CASES = [
     ("topk-not-int", ["--topk=[5,'x']"], {}, "topk: 'x' in [5, 'x'] is not an integer >= 1 (--topk on the command line)"),
     ("unknown-metric", ["--metrics=['Recall','Accuracy']"], {}, "metrics: 'Accuracy' in ['Recall', 'Accuracy'] is not a metric RecBole knows (auc, "),
     ("valid-metric-not-computed", ["--valid_metric=NDCG@20"], {}, "valid_metric: NDCG@20 needs 20 in topk"),
+    ("warm-cold-not-labeled", ["--warm_cold_report=True"], {},
+     "warm_cold_report: True needs labeled-mode metrics (AUC, UAUC, LogLoss), not ['Recall'"),
     ("eval-mode-unknown", [], {"files": {"m.yaml": "eval_args:\n  mode: everything\n"}}, "eval_args.mode: expected "),
     ("eval-split-bad", [], {"files": {"s.yaml": "eval_args:\n  split: {RS: [0.8, x]}\n"}}, "eval_args.split: "),
     ("encoding-unknown", ["--encoding=klingon"], {}, "encoding: expected a Python text encoding"),

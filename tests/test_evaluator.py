@@ -54,6 +54,22 @@ def test_labeled_run_reports_auc_uauc_logloss(labeled_data, tmp_path):
     assert result["best_valid_score"] == result["best_valid_result"]["uauc"]
 
 
+def test_warm_cold_report_option_logs_the_groups_of_the_test_pass(labeled_data, tmp_path, caplog):
+    root, _ = labeled_data
+    config = labeled_config(root, checkpoint_dir=str(tmp_path))
+    plain = run_recbole_llm("FM", "labeled", config_dict=config)
+    assert "test_result_groups" not in plain
+    with caplog.at_level("INFO"):
+        result = run_recbole_llm("FM", "labeled", config_dict=dict(config, warm_cold_report=True))
+    assert result["test_result"] == plain["test_result"]  # the same model, tested once as before
+    groups = result["test_result_groups"]
+    assert set(groups) == {"warm", "cold"} and groups["warm"] != groups["cold"]
+    for group in ("warm", "cold"):
+        assert set(groups[group]) == {"auc", "uauc", "logloss"}
+        assert any(f"test result ({group} items)" in r.getMessage() and str(groups[group]) in r.getMessage()
+                   for r in caplog.records), group
+
+
 def test_two_processes_give_the_uauc_of_one(labeled_data, tmp_path):
     """With learning rate 0 both runs test rank 0's initial model (DDP broadcasts it), so the metrics must match
     exactly: each rank holds half of every user's rows (and rank 1 a padding row: 39 test rows)."""

@@ -19,16 +19,19 @@ from recbole.evaluator.collector import DataStruct
 from recbole_llm.evaluator.collector import ROW_KEYS
 
 
-def warm_cold_report(trainer, train_dataset, eval_data):
+def warm_cold_report(trainer, train_dataset, eval_data, load_best_model=False, show_progress=False):
     """Evaluate ``eval_data`` whole and restricted to warm / cold item rows, with the trainer's metrics.
 
     The model scores every row once: RecBole's evaluation of the whole loader, whose collected rows (scores,
     labels, users, and each row's item) are then split by group and given to RecBole's evaluator again.
 
     Args:
-        trainer (recbole.trainer.Trainer): holds the model to evaluate (as it is: no checkpoint is loaded).
+        trainer (recbole.trainer.Trainer): holds the model to evaluate.
         train_dataset (recbole.data.dataset.Dataset): the training split (``train_data.dataset``).
         eval_data (recbole.data.dataloader.AbstractDataLoader): a valid / test loader of the same run.
+        load_best_model (bool): load the trainer's saved checkpoint first, as ``trainer.evaluate`` does
+            (the model as it is by default).
+        show_progress (bool): RecBole's evaluation bar.
 
     Returns:
         dict: ``{"all": result, "warm": result, "cold": result}``, each RecBole's ``OrderedDict`` of metrics
@@ -38,7 +41,7 @@ def warm_cold_report(trainer, train_dataset, eval_data):
     collector = trainer.eval_collector
     collector.collect_items = True
     try:
-        report = {"all": trainer.evaluate(eval_data, load_best_model=False)}
+        report = {"all": trainer.evaluate(eval_data, load_best_model=load_best_model, show_progress=show_progress)}
     finally:
         collector.collect_items = False
     struct, collector.last_struct = collector.last_struct, None

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from recbole.model.abstract_recommender import GeneralRecommender
 from recbole.utils import InputType, ModelType
 from torch import nn
+from tqdm import tqdm
 
 from recbole_llm.data.item_text import load_item_texts
 from recbole_llm.data.prompts import PromptTemplate, collate, length_batches
@@ -367,7 +368,10 @@ class SeLLaRec(LLMRecommender, GeneralRecommender):
         encoded = self._encode(interaction)
         scores = torch.empty(len(encoded), device=self.device)
         with torch.autocast(self.device.type, dtype=self.llm_dtype, enabled=autocast):
-            for rows in length_batches([len(ids) for ids, _, _ in encoded], size):  # less left padding
+            batches = length_batches([len(ids) for ids, _, _ in encoded], size)  # less left padding
+            # RecBole's evaluation bar counts eval_batch_size rows: one of its steps is minutes of LLM passes
+            for rows in tqdm(batches, desc="Score (LLM)", ncols=100, leave=False,
+                             disable=not self.config["show_progress"] or len(batches) < 2):
                 logits = self._choice_logits([encoded[row] for row in rows])
                 scores[torch.as_tensor(rows, device=self.device)] = torch.softmax(logits.float(), -1)[:, 0]
         return scores
