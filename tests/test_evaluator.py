@@ -1,4 +1,7 @@
 """UAUC (a registered RecBole metric, exact under 2 processes) and the warm / cold item report."""
+import ast
+import glob
+import subprocess
 import sys
 
 import numpy as np
@@ -68,6 +71,21 @@ def test_warm_cold_report_option_logs_the_groups_of_the_test_pass(labeled_data, 
         assert set(groups[group]) == {"auc", "uauc", "logloss"}
         assert any(f"test result ({group} items)" in r.getMessage() and str(groups[group]) in r.getMessage()
                    for r in caplog.records), group
+
+
+def test_a_fresh_process_reloads_a_uauc_checkpoint(labeled_data, tmp_path):
+    """``load_data_and_model`` unpickles the Config, so it must apply the RecBole fixes (UAUC's registration)
+    itself: a new process that only reloads the checkpoint evaluates it to the run's test metrics."""
+    root, _ = labeled_data
+    result = run_recbole_llm("FM", "labeled", config_dict=labeled_config(root, checkpoint_dir=str(tmp_path)))
+    (checkpoint,) = glob.glob(str(tmp_path / "FM-*.pth"))
+    code = ("import sys; from recbole_llm.quick_start import load_data_and_model; "
+            "from recbole_llm.utils import get_trainer; "
+            "c, m, _, _, _, test = load_data_and_model(sys.argv[1]); "
+            "print(dict(get_trainer(c['MODEL_TYPE'], c['model'])(c, m).evaluate(test, load_best_model=False)))")
+    done = subprocess.run([sys.executable, "-c", code, checkpoint], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert ast.literal_eval(done.stdout.strip().splitlines()[-1]) == pytest.approx(dict(result["test_result"]))
 
 
 def test_two_processes_give_the_uauc_of_one(labeled_data, tmp_path):
