@@ -39,6 +39,10 @@ class Config(RecBoleConfig):
                 raise ConfigError(f"config file not found: {file}")
         super().__init__(model, dataset, config_file_list, config_dict)
 
+    def __setstate__(self, state):
+        compat.apply()  # a Config unpickled from a checkpoint skips __init__, which applies the RecBole fixes
+        self.__dict__.update(state)
+
     def _load_config_files(self, file_list):
         """RecBole's, with a YAML error given as one line with the file and line (``validate.load_yaml_file``)."""
         self._option_source = {}

@@ -14,7 +14,6 @@ import torch.distributed as dist
 from recbole.config import Config as RecBoleConfig
 from recbole.utils import get_environment, get_flops, init_logger, init_seed, set_color
 
-from recbole_llm import compat
 from recbole_llm.compat import reraise_swallowed_interrupts, torch_load
 from recbole_llm.config import Config
 from recbole_llm.errors import ConfigError, WriteError
@@ -161,7 +160,6 @@ def _load_checkpoint(model_file, device):
 
 def load_data_and_model(model_file):
     """Config, model, dataset and dataloaders from a checkpoint; a GPU checkpoint loads on a CPU machine."""
-    compat.apply()  # an unpickled Config skips Config.__init__, which applies it (RecBole fixes, the UAUC metric)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     checkpoint = _load_checkpoint(model_file, device)
     config = checkpoint["config"]
