@@ -14,6 +14,7 @@ import torch.distributed as dist
 from recbole.config import Config as RecBoleConfig
 from recbole.utils import get_environment, get_flops, init_logger, init_seed, set_color
 
+from recbole_llm import interrupts
 from recbole_llm.compat import reraise_swallowed_interrupts, torch_load
 from recbole_llm.config import Config
 from recbole_llm.errors import ConfigError, WriteError
@@ -200,17 +201,18 @@ def main(argv=None):
     args, _ = parser.parse_known_args(argv)
     config_file_list = args.config_files.strip().split(" ") if args.config_files else None
     reraise_swallowed_interrupts()
-    try:
-        run(args.model, args.dataset, config_file_list=config_file_list, nproc=args.nproc,
-            world_size=args.world_size, ip=args.ip, port=args.port, group_offset=args.group_offset)
-    except ConfigError as e:
-        print(f"recbole-llm: error: {e}", file=sys.stderr)
-        return 2
-    except WriteError as e:
-        print(f"recbole-llm: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("recbole-llm: interrupted: no checkpoint or stage file is left half-written; "
-              "finished stages are kept and reused next run", file=sys.stderr)
-        return 130
+    with interrupts.guarded() as guard:
+        try:
+            run(args.model, args.dataset, config_file_list=config_file_list, nproc=args.nproc,
+                world_size=args.world_size, ip=args.ip, port=args.port, group_offset=args.group_offset)
+        except ConfigError as e:
+            guard.last_line(f"recbole-llm: error: {e}")
+            return 2
+        except WriteError as e:
+            guard.last_line(f"recbole-llm: error: {e}")
+            return 1
+        except KeyboardInterrupt:
+            guard.last_line("recbole-llm: interrupted: no checkpoint or stage file is left half-written; "
+                            "finished stages are kept and reused next run")
+            return 130
     return 0

@@ -353,6 +353,177 @@ def test_ctrl_c_is_one_line_exit_130(bad, monkeypatch):
     assert "finished stages are kept and reused next run" in lines[0]
 
 
+# ----- Ctrl-C at chosen moments: a real SIGINT sent by a hook, no sleep --------------------------------------
+INTERRUPTED = "recbole-llm: interrupted: "
+
+
+@pytest.fixture
+def interrupted_run(tmp_path, monkeypatch, capsys):
+    """``run(hook)``: a BPR run of the CLI in-process, with Python's Ctrl-C handler (a suite started as a background
+    job has SIGINT ignored); ``hook(monkeypatch, interrupt)`` arranges where ``interrupt()`` sends SIGINT to this
+    process. Returns (exit code, stderr lines, the run's log file lines, checkpoint files)."""
+    import logging
+    import signal
+
+    def interrupt():
+        os.kill(os.getpid(), signal.SIGINT)
+
+    def run(hook, epochs=30):
+        write_tiny_dataset(str(tmp_path / "data"))
+        (tmp_path / "base.yaml").write_text(BASE.format(data=tmp_path / "data", saved=tmp_path / "saved"))
+        argv = ["--model=BPR", "--dataset=tiny", f"--config_files={tmp_path / 'base.yaml'}", f"--epochs={epochs}",
+                "--stopping_step=1000"]
+        monkeypatch.setattr(sys, "argv", ["run_recbole_llm.py"] + argv)
+        monkeypatch.chdir(tmp_path)
+        # pytest's log capture holds the root logger, so RecBole's handlers (terminal, log file) would not be added
+        monkeypatch.setattr(logging.getLogger(), "handlers", [])
+        hook(monkeypatch, interrupt)
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            code = main(argv)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            for handler in logging.getLogger().handlers:
+                handler.close()
+        (log_file,) = (tmp_path / "log" / "BPR").iterdir()
+        checkpoints = sorted((tmp_path / "saved").iterdir()) if (tmp_path / "saved").exists() else []
+        return code, capsys.readouterr().err.splitlines(), log_file.read_text().splitlines(), checkpoints
+
+    return run
+
+
+def _complete(checkpoint):
+    from recbole_llm.compat import torch_load
+
+    return "state_dict" in torch_load(str(checkpoint), map_location="cpu")
+
+
+def test_ctrl_c_during_a_log_record_lets_the_record_finish(interrupted_run, monkeypatch):
+    """SIGINT in the middle of writing "Saving current: <file>" (the cut line of a CI failure): the record is
+    finished on the terminal and in the log file, then the run stops; the message is a line of its own."""
+    class CutsSavingRecord:
+        def __init__(self, stream, interrupt):
+            self.stream, self.interrupt, self.fired = stream, interrupt, False
+
+        def write(self, text):
+            if "Saving current" in text and not self.fired:
+                self.fired = True
+                self.stream.write(text[:len(text) // 2])
+                self.interrupt()  # the handler runs here, between the two halves
+                return self.stream.write(text[len(text) // 2:])
+            return self.stream.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.stream, name)
+
+    def hook(monkeypatch, interrupt):
+        monkeypatch.setattr(sys, "stderr", CutsSavingRecord(sys.stderr, interrupt))
+
+    code, err, log, checkpoints = interrupted_run(hook)
+    assert code == 130, err[-5:]
+    assert err[-1].startswith(INTERRUPTED) and "Traceback" not in "\n".join(err), err[-5:]
+    (saving,) = [line for line in err if "Saving current" in line]
+    assert saving.rstrip().endswith(".pth") and not err[-2].startswith(INTERRUPTED), err[-3:]
+    assert log[-1].rstrip().endswith(".pth") and "Saving current" in log[-1], log[-3:]  # the log file's record too
+    (checkpoint,) = checkpoints
+    assert checkpoint.suffix == ".pth" and _complete(checkpoint)
+
+
+def test_ctrl_c_during_a_save_keeps_the_previous_checkpoint(interrupted_run):
+    """SIGINT half-way through writing the second checkpoint: the first stays whole, no temporary file is left."""
+    import recbole_llm.compat as compat_module
+
+    saves = []
+
+    def hook(monkeypatch, interrupt):
+        real_save = compat_module.torch.save
+
+        def save(obj, f, **kwargs):
+            saves.append(obj["epoch"])
+            if len(saves) == 2:
+                f.write(b"half a checkpoint")
+                interrupt()
+            return real_save(obj, f, **kwargs)
+
+        monkeypatch.setattr(compat_module.torch, "save", save)
+
+    code, err, _, checkpoints = interrupted_run(hook)
+    assert code == 130 and err[-1].startswith(INTERRUPTED), err[-5:]
+    assert len(saves) == 2, saves
+    (checkpoint,) = checkpoints
+    from recbole_llm.compat import torch_load
+
+    assert checkpoint.suffix == ".pth" and torch_load(str(checkpoint), map_location="cpu")["epoch"] == saves[0]
+
+
+@pytest.mark.parametrize("moment", ["evaluation", "step"])
+def test_ctrl_c_during_an_evaluation_or_a_step(interrupted_run, moment):
+    """SIGINT inside the second validation (while a batch is collected) or inside a training step (the loss):
+    exit 130, one last whole line, and the checkpoint already written is complete."""
+    from recbole.evaluator import Collector
+    from recbole.model.general_recommender import BPR
+
+    calls = []
+
+    def hook(monkeypatch, interrupt):
+        owner, name = (Collector, "eval_batch_collect") if moment == "evaluation" else (BPR, "calculate_loss")
+        real = getattr(owner, name)
+
+        def interrupting(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == (2 if moment == "evaluation" else 3):  # after the first epoch's checkpoint
+                interrupt()
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(owner, name, interrupting)
+
+    code, err, log, checkpoints = interrupted_run(hook)
+    assert code == 130, err[-5:]
+    assert err[-1].startswith(INTERRUPTED) and "Traceback" not in "\n".join(err), err[-5:]
+    assert not any(INTERRUPTED in line and not line.startswith(INTERRUPTED) for line in err), err[-3:]
+    (checkpoint,) = checkpoints
+    assert _complete(checkpoint)
+
+
+def test_last_line_starts_on_a_fresh_line(capsys):
+    """A progress bar left mid-line (no newline) does not get the CLI's closing line glued to it."""
+    from recbole_llm import interrupts
+
+    with interrupts.guarded() as guard:
+        sys.stderr.write("Train 45%|####     ")
+        guard.last_line("recbole-llm: interrupted: x")
+    with interrupts.guarded() as guard:
+        sys.stderr.write("a whole line\n")
+        guard.last_line("recbole-llm: interrupted: y")
+    assert capsys.readouterr().err == ("Train 45%|####     \nrecbole-llm: interrupted: x\n"
+                                       "a whole line\nrecbole-llm: interrupted: y\n")
+
+
+def test_deferred_ctrl_c_is_raised_when_the_section_ends_and_a_second_one_at_once():
+    import signal
+
+    from recbole_llm import interrupts
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with interrupts.guarded():
+            done = []
+            with pytest.raises(KeyboardInterrupt):
+                with interrupts.deferred():
+                    os.kill(os.getpid(), signal.SIGINT)
+                    done.append("rest of the record")
+            assert done == ["rest of the record"]
+            with pytest.raises(KeyboardInterrupt):
+                with interrupts.deferred():
+                    os.kill(os.getpid(), signal.SIGINT)
+                    os.kill(os.getpid(), signal.SIGINT)  # pressed again: acted on at once
+                    done.append("not reached")
+            assert done == ["rest of the record"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 # ----- the real script: no traceback -----------------------------------------------------------------------
 @pytest.mark.parametrize("name, args, message", [
     ("short-row", [], "tiny.inter, line 4: 3 fields, the header has 4"),
