@@ -41,6 +41,9 @@
    mode (a NaN check of every gradient, a traceback kept per op; a SASRec step on ml-100k 1.5x slower here).
    The package is imported here and the mode switched back off (``torch.autograd.set_detect_anomaly(True)``
    after this still turns it on for debugging).
+11. ``recbole.utils.ensure_dir`` checks that a folder exists, then creates it: two processes of one run (the ranks
+   of ``--nproc``, each building its trainer) can both find it missing, and the second ``makedirs`` raises
+   ``FileExistsError``. Every module that imported it gets one that creates with ``exist_ok=True``.
 """
 import _thread
 import os
@@ -222,6 +225,11 @@ def _evaluate_begins_collector(evaluate):
     return wrapper
 
 
+def _ensure_dir(dir_path):
+    """RecBole's ``ensure_dir`` without its race between processes (fix 11)."""
+    os.makedirs(dir_path, exist_ok=True)
+
+
 def _map_reduce_unless_gathered(map_reduce):
     """``Trainer._map_reduce`` averages per-rank metrics; a result from gathered rows is already global."""
     import functools
@@ -259,6 +267,15 @@ def apply():
     import recbole.model.sequential_recommender  # noqa: F401  (sine.py turns anomaly mode on at import)
 
     torch.autograd.set_detect_anomaly(anomaly)
+    import recbole.data.dataset.dataset as recbole_dataset
+    import recbole.data.utils as recbole_data_utils
+    import recbole.utils as recbole_utils
+    import recbole.utils.logger as recbole_logger
+    import recbole.utils.utils as recbole_utils_utils
+
+    for module in (recbole_trainer, recbole_dataset, recbole_data_utils, recbole_utils, recbole_logger,
+                   recbole_utils_utils):
+        module.ensure_dir = _ensure_dir
     # RecBole's dataloaders warn on every epoch about a pandas-era idiom that is harmless here.
     warnings.filterwarnings("ignore", category=FutureWarning, module="recbole")
     _APPLIED = True

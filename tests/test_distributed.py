@@ -137,3 +137,22 @@ def test_torchrun_with_too_few_gpus_fails_in_one_line(gpus, monkeypatch):
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: pytest.fail("initialised"))
     with pytest.raises(ConfigError, match="nproc: 2 processes on CUDA need 2 GPUs"):
         Config("BPR", "ml-100k")
+
+
+def test_two_ranks_creating_one_folder_do_not_race(tmp_path, monkeypatch):
+    """RecBole's ``ensure_dir`` checks, then creates: a rank that finds the folder missing after the other rank
+    made it raised ``FileExistsError`` (compat fix 11). The check is made to miss, as the slower rank's would."""
+    import os
+
+    from recbole_llm import compat
+
+    compat.apply()
+    import recbole.trainer.trainer as recbole_trainer
+    import recbole.utils.logger as recbole_logger
+
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    monkeypatch.setattr(os.path, "exists", lambda path: False)
+    recbole_trainer.ensure_dir(str(folder))  # the trainer's checkpoint folder
+    recbole_logger.ensure_dir(str(folder))  # init_logger's log folder
+    assert folder.is_dir()
