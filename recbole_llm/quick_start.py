@@ -17,6 +17,7 @@ from recbole.utils import get_environment, get_flops, init_logger, init_seed, se
 from recbole_llm import interrupts
 from recbole_llm.compat import reraise_swallowed_interrupts, torch_load
 from recbole_llm.config import Config
+from recbole_llm.data.download import prepare_dataset
 from recbole_llm.errors import ConfigError, WriteError
 from recbole_llm.utils import create_dataset, data_preparation, get_model, get_trainer
 from recbole_llm.validate import validate
@@ -38,8 +39,11 @@ def run(model, dataset, config_file_list=None, config_dict=None, saved=True,
     world_size = nproc if world_size == -1 else world_size
     config_dict = dict(config_dict or {})
     config_dict.update(world_size=world_size, ip=ip, port=port, nproc=nproc, offset=group_offset)
-    # Bad input fails here with one ConfigError, not once per spawned process with a traceback.
-    validate(Config(model, dataset, config_file_list, config_dict))
+    # Bad input fails here with one ConfigError, not once per spawned process with a traceback; a dataset
+    # RecBole can download is downloaded here, once, before any process is spawned.
+    config = Config(model, dataset, config_file_list, config_dict)
+    prepare_dataset(config)
+    validate(config)
     queue = mp.get_context("spawn").SimpleQueue()
     mp.spawn(_run_rank, args=(model, dataset, config_file_list, config_dict, saved, queue), nprocs=nproc, join=True)
     return None if queue.empty() else queue.get()
@@ -54,6 +58,7 @@ def _run_rank(rank, model, dataset, config_file_list, config_dict, saved, queue)
 def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, queue=None):
     """Train and test ``model`` on ``dataset``: RecBole's ``run_recbole`` with recbole-llm's lookups."""
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+    prepare_dataset(config)  # missing here and on RecBole's download list: downloaded first (local rank 0)
     warnings = validate(config)  # before logging starts: nothing is written, the CLI prints one line
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
@@ -101,6 +106,7 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
 def objective_function(config_dict=None, config_file_list=None, saved=True):
     """The objective ``recbole.trainer.HyperTuning`` calls for each trial (RecBole's, without ray)."""
     config = Config(config_dict=config_dict, config_file_list=config_file_list)
+    prepare_dataset(config)
     warnings = validate(config)
     init_seed(config["seed"], config["reproducibility"])
     logger = getLogger()
@@ -169,6 +175,7 @@ def load_data_and_model(model_file):
     if device.type == "cpu":
         config["gpu_id"] = ""
     config.compatibility_settings()  # RecBole's numpy aliases (np.float ...), set when a Config is built, not unpickled
+    prepare_dataset(config)
     validate(config)
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)

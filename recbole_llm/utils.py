@@ -25,11 +25,14 @@ def get_trainer(model_type, model_name):
 
 
 def create_dataset(config):
-    """``<Model>Dataset`` from recbole_llm.data if there is one, else RecBole's choice."""
+    """``<Model>Dataset`` from recbole_llm.data if there is one, else RecBole's choice. A dataset missing here
+    that RecBole can download is downloaded first (``recbole_llm.data.download``)."""
     from recbole.data import create_dataset as recbole_create_dataset
 
     from recbole_llm import data
+    from recbole_llm.data.download import prepare_dataset
 
+    prepare_dataset(config)
     dataset_class = getattr(data, config["model"] + "Dataset", None)
     if dataset_class is not None:
         return dataset_class(config)
@@ -38,7 +41,7 @@ def create_dataset(config):
 
 
 def check_dataset(config):
-    """One clear line when the dataset has no atomic files (RecBole would try to download it)."""
+    """One clear line when the dataset has no atomic files (``prepare_dataset`` has downloaded what RecBole can)."""
     path = config["data_path"]
     if not os.path.isdir(path) or not any(f.endswith(".inter") for f in os.listdir(path)):
         raise ConfigError(

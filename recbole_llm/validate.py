@@ -238,7 +238,9 @@ OPTIONS = {
     "item_text_fields": NONE | ListOf(STR),
     "item_text_separator": Spec(lambda v: isinstance(v, str), "a string"),
     "llm_eval_batch_size": Int(1),
+    "exclude_seen_items": BOOL,  # TCA4Rec / AlignTokenRec: beams leave the user's seen items out (through the trie)
     "cf_config": NONE | DICT,
+    "download_confirm": BOOL,  # download a dataset of RecBole's list over 1 GB without asking (data/download.py)
 }
 NESTED = {"eval_args": EVAL_ARGS, "train_neg_sample_args": TRAIN_NEG_SAMPLE_ARGS, "cf_config": OPTIONS}
 
