@@ -12,7 +12,9 @@ see the same sample, split and seed. Each LLM variant runs in its own process (w
 peak RSS are that process's). The test split is only ever evaluated, never tuned on.
 
 Tables:
-  1. test HR@1/5/10, NDCG@5/10 (and the validation NDCG@10 each run was selected on), wall time, peak RSS;
+  1. test HR@1/5/10, NDCG@5/10 (and the validation NDCG@10 each run was selected on), whether the user's seen
+     items are masked (RecBole masks a general model's history, DCCF's, not a sequential model's, SASRec's;
+     AlignTokenRec leaves them out of its beams with ``--exclude_seen_items=true``), wall time, peak RSS;
   2. tokenization only (no SFT): collision rate before resolution and new tokens per codebook setting (levels
      2..5, ED, w/o AM), all sequences unique after resolution;
   3. speed on the default run's checkpoint: cache lookup vs beam search per user; constrained vs free beam
@@ -83,11 +85,22 @@ def run_subprocess(model, dataset, config):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def row(name, result):
+def row(name, result, masked):
+    """``masked``: whether the run's evaluation leaves the user's seen items out (RecBole: a general model's
+    history, never a sequential model's; AlignTokenRec: ``exclude_seen_items``)."""
     test, valid = result["test_result"], result.get("best_valid_result") or {}
     cells = " | ".join(f"{test[c]:.4f}" for c in COLUMNS)
-    return (f"| {name:<24} | {cells} | {valid.get('ndcg@10', float('nan')):.4f} | {result['wall_s']:.0f} | "
-            f"{result['peak_rss_gib']:.2f} |")
+    return (f"| {name:<24} | {cells} | {valid.get('ndcg@10', float('nan')):.4f} | {'yes' if masked else 'no'} | "
+            f"{result['wall_s']:.0f} | {result['peak_rss_gib']:.2f} |")
+
+
+def general(model):
+    """RecBole masks the seen items of a general model (DCCF, LightGCN, BPR...) in full ranking."""
+    from recbole.utils import ModelType
+
+    from recbole_llm.registry import get_model
+
+    return get_model(model).type != ModelType.SEQUENTIAL
 
 
 def tokenization_stats(dataset, config):
@@ -178,18 +191,20 @@ def main():
                  f"AlignTokenRec: {base['seq_rows_per_user']} latest training rows per user, 1 epoch, SmolLM2-135M "
                  f"+ LoRA, beam {base['beam_size']}; baselines: <= {args.baseline_epochs} epochs, early stopping 5; "
                  f"overrides {overrides or 'none'}")
-    lines.append("| run | HR@1 | HR@5 | HR@10 | NDCG@5 | NDCG@10 | valid NDCG@10 | wall s | peak RSS GiB |")
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    lines.append("| run | HR@1 | HR@5 | HR@10 | NDCG@5 | NDCG@10 | valid NDCG@10 | seen masked | wall s | "
+                 "peak RSS GiB |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
     same_eval.update(epochs=args.baseline_epochs, stopping_step=5)
     baseline_cfg = {"SASRec": {"train_neg_sample_args": None, "loss_type": "CE"}}
     for baseline in [b for b in args.baselines.split(",") if b]:
         extra_cfg = baseline_cfg.get(baseline, {})
         results[baseline] = run_subprocess(baseline, name, dict(same_eval, **extra_cfg))
-        lines.append(row(f"{baseline} (RecBole)", results[baseline]))
+        lines.append(row(f"{baseline} (RecBole)", results[baseline], general(baseline)))
         print(lines[-1], flush=True)
     for variant in [v for v in args.variants.split(",") if v]:
         results[variant] = run_subprocess("AlignTokenRec", name, dict(base, **ABLATIONS[variant]))
-        lines.append(row(f"AlignTokenRec {variant}", results[variant]))
+        lines.append(row(f"AlignTokenRec {variant}", results[variant],
+                         bool(dict(base, **ABLATIONS[variant]).get("exclude_seen_items"))))
         print(lines[-1], flush=True)
 
     lines.append("\n| codebooks | collision rate (before resolution) | new tokens | unique after |")

@@ -6,11 +6,18 @@
     python bench/tca4rec.py --merge part1.json part2.json    (one table from parts run side by side)
 
 Rows: each CF backbone alone (SASRec, MF, LightGCN, DCCF, trained once as TCA4Rec's cached ``cf_pretrain`` stage
-and evaluated by RecBole on the same split), the base LLM recommender (alpha 0), TCA4Rec over MF, LightGCN and
-SASRec with both losses, and an alpha sweep (0, 0.05, 0.1, 0.3) over SASRec with the mixture loss. Test HR / NDCG
-at 1, 5, 10; HR@10 against the base LLM user by user (users hit by the run only / by the base only, and the
-two-sided sign test); the validation NDCG@10 each run was selected on; wall time and peak RSS of each run (a
-process per run). ``--identifier semantic_id`` runs the LLM rows with AlignTokenRec's codebook codes as item identifiers
+and scored as RecBole scores that model alone on the same split: ``CFBackbone.eval_data``), the base LLM
+recommender (alpha 0), TCA4Rec over MF, LightGCN and SASRec with both losses, and an alpha sweep (0, 0.05, 0.1,
+0.3) over SASRec with the mixture loss. Test HR / NDCG at 1, 5, 10; HR@10 against the base LLM user by user (users
+hit by the run only / by the base only, and the two-sided sign test); the validation NDCG@10 each run was selected
+on; whether the user's seen items are masked; wall time and peak RSS of each run (a process per run).
+
+Seen items: RecBole masks a general model's history (training items at validation, + validation items at test),
+not a sequential model's. So "MF alone" (general) is masked, "SASRec alone" and the LLM rows are not (unless
+``--exclude_seen_items=true``: the beams leave seen items out); each general backbone also gets an
+"alone, unmasked" row, the same model scored on the LLM's sequential loader: compare rows under the same rule.
+
+``--identifier semantic_id`` runs the LLM rows with AlignTokenRec's codebook codes as item identifiers
 (TCA4Rec's ``item_identifier``; the codebook stages run once, cached); the backbone rows do not depend on it.
 
 Speed, measured in the same run on one batch of real prompts (interleaved repeats, medians):
@@ -99,13 +106,17 @@ def child_run(overrides):
 
     captured = capture_first_hits()
     start = time.time()
+    masked = bool(overrides.get("exclude_seen_items", False))
     result = run_recbole_llm("TCA4Rec", overrides.pop("dataset"), config_dict=overrides)
     return {"test": dict(result["test_result"]), "valid": dict(result["best_valid_result"] or {}),
-            "seconds": time.time() - start, "rss_mb": peak_rss_mb(), "first_hit": captured.get("first_hit")}
+            "seconds": time.time() - start, "rss_mb": peak_rss_mb(), "first_hit": captured.get("first_hit"),
+            "masked": masked}
 
 
 def child_backbones(overrides):
-    """Each backbone's cf_pretrain stage (cached for the TCA4Rec runs), evaluated by RecBole on valid and test."""
+    """Each backbone's cf_pretrain stage (cached for the TCA4Rec runs), scored as RecBole scores it alone on valid
+    and test (a general backbone: its own general loaders, seen items masked); a general backbone is also scored
+    on the LLM's sequential loaders (nothing masked: "<name> unmasked")."""
     from recbole.trainer import Trainer
 
     from recbole_llm.config import Config
@@ -124,10 +135,19 @@ def child_backbones(overrides):
         stage = cf.stage()
         StageCache(config, train._dataset).run(stage, lambda: stage.build(None, train, valid), stage.load)
         trainer = Trainer(cf.config, cf.model)
-        out[backbone] = {"valid": dict(trainer.evaluate(valid, load_best_model=False)),
-                         "test": dict(trainer.evaluate(test, load_best_model=False)),
-                         "seconds": time.time() - start, "rss_mb": peak_rss_mb(),
-                         "first_hit": captured.get("first_hit")}
+        own_valid, own_test = cf.eval_data(valid, test)  # RecBole's loaders for the backbone alone
+        result = {"valid": dict(trainer.evaluate(own_valid, load_best_model=False)),
+                  "test": dict(trainer.evaluate(own_test, load_best_model=False)),
+                  "first_hit": captured.get("first_hit"), "masked": cf.on_plain_data}
+        if cf.on_plain_data:  # the general loader's users come by id: pair them as the sequential loader has them
+            hits = dict(zip(own_test.uid_list.tolist(), result["first_hit"]))
+            result["first_hit"] = [hits[u] for u in test._dataset.inter_feat[test._dataset.uid_field].tolist()]
+            out[f"{backbone} unmasked"] = {"valid": dict(trainer.evaluate(valid, load_best_model=False)),
+                                           "test": dict(trainer.evaluate(test, load_best_model=False)),
+                                           "first_hit": captured.get("first_hit"), "masked": False}
+        out[backbone] = dict(result, seconds=time.time() - start, rss_mb=peak_rss_mb())
+        if cf.on_plain_data:
+            out[f"{backbone} unmasked"].update(seconds=out[backbone]["seconds"], rss_mb=out[backbone]["rss_mb"])
     return out
 
 
@@ -200,7 +220,8 @@ def row(name, result, base=None):
     cells = " | ".join(f"{result['test'][c]:.4f}" for c in COLUMNS)
     valid = (result.get("valid") or {}).get("ndcg@10")
     valid = "-" if valid is None else f"{valid:.4f}"
-    return (f"| {name:<32} | {cells} | {paired(result, base)} | {valid:>6} | {result['seconds']:.0f} | "
+    masked = {True: "yes", False: "no"}.get(result.get("masked"), "?")  # "?": a part written before the column
+    return (f"| {name:<32} | {cells} | {paired(result, base)} | {valid:>6} | {masked:>4} | {result['seconds']:.0f} | "
             f"{result['rss_mb']:.0f} |")
 
 
@@ -242,7 +263,7 @@ def main():
         results = {}
         for part in parts:
             results.update(part["results"])
-        order = [f"{b} alone" for b in BACKBONES] + list(RUNS)
+        order = [f"{b} alone{rule}" for b in BACKBONES for rule in ("", ", unmasked")] + list(RUNS)
         print_table([(name, results[name]) for name in order if name in results],
                     next((p["speed"] for p in parts if p.get("speed")), None), results)
         return
@@ -276,8 +297,10 @@ def main():
     if chosen:
         backbones = spawn("backbones", dict(common, bench_backbones=chosen))
         for backbone in chosen:
-            results[f"{backbone} alone"] = backbones[backbone]
-            print(row(f"{backbone} alone", backbones[backbone]), flush=True)
+            for key, name in ((backbone, f"{backbone} alone"), (f"{backbone} unmasked", f"{backbone} alone, unmasked")):
+                if key in backbones:
+                    results[name] = backbones[key]
+                    print(row(name, backbones[key]), flush=True)
     runs = list(RUNS) if args.runs is None else [run for run in args.runs.split(",") if run]  # "": none
     unknown = [run for run in runs if run not in RUNS]
     if unknown:
@@ -299,8 +322,9 @@ def write_output(path, results, speed, settings):
 def print_table(rows, speed, results):
     header = " | ".join(f"{c.replace('hit', 'HR').replace('ndcg', 'N'):>6}" for c in COLUMNS)
     base = results.get(BASE_RUN)
-    print(f"\n| {'run':<32} | {header} | HR@10 vs base, user by user | valid N@10 | time (s) | peak RSS (MB) |")
-    print("|" + "---|" * (len(COLUMNS) + 5))
+    print(f"\n| {'run':<32} | {header} | HR@10 vs base, user by user | valid N@10 | seen masked | time (s) | "
+          "peak RSS (MB) |")
+    print("|" + "---|" * (len(COLUMNS) + 6))
     for name, result in rows:
         print(row(name, result, base))
     if speed is None:

@@ -393,3 +393,31 @@ def test_tca_soft_labels_plug_into_the_sequential_task(tmp_path):
     msl_only = AlignTokenRec(Config("AlignTokenRec", "atr", config_dict=dict(
         SMALL, data_path=root, checkpoint_dir=str(tmp_path / "saved"), tca_msl=True)), train._dataset)
     assert msl_only.alignment.masked and msl_only.alignment.alpha == 0
+
+
+def test_exclude_seen_items_leaves_the_users_history_out_of_the_beams(trained):
+    """``exclude_seen_items``: no top-K item is one the user has seen (the row's history, the training items),
+    in evaluation and in ``recommend`` (the given histories); off (the default), nothing changes."""
+    from recbole_llm.model.backbone import training_interactions
+    from recbole_llm.model.ranking import Ranking
+
+    _, model, _, train_data, _, test_data = load_data_and_model(trained[0])
+    assert model.config["exclude_seen_items"] is False and not model.ranking.exclude_seen
+    batch = next(iter(test_data))[0]
+    plain = training_interactions(train_data._dataset).inter_feat
+    seen = torch.zeros(len(batch), model.n_items, dtype=torch.bool)
+    rows = {u: r for r, u in enumerate(batch["user_id"].tolist())}  # one test row per user
+    for u, i in zip(plain["user_id"].tolist(), plain["item_id"].tolist()):
+        if u in rows:
+            seen[rows[u], i] = True
+    for row, (seq, n) in enumerate(zip(batch["item_id_list"].tolist(), batch["item_length"].tolist())):
+        seen[row, seq[:n]] = True
+    default = model.full_sort_predict(batch).view(len(batch), -1).topk(10).indices
+    assert seen.gather(1, default).any()  # the default ranks seen items
+
+    model.ranking = Ranking(model.config, train_data._dataset, model._score_rows, exclude_seen=True)
+    top = model.full_sort_predict(batch).view(len(batch), -1).topk(10).indices
+    assert not seen.gather(1, top).any()
+    histories = [seq[:n] for seq, n in zip(batch["item_id_list"].tolist(), batch["item_length"].tolist())]
+    items, _ = model.recommend(histories)
+    assert all(i > 0 and i not in h for row, h in zip(items.tolist(), histories) for i in row)

@@ -1,5 +1,7 @@
 """The CF-backbone service (``recbole_llm.model.backbone``): the ``cf_pretrain`` stage trains a RecBole model
 exactly as ``run_recbole_llm(model=<backbone>)`` does, then serves its embeddings and full-ranking logits."""
+import os
+import random
 import sys
 
 import pytest
@@ -135,3 +137,74 @@ def test_bad_backbones_name_the_option(tiny_data, tmp_path):
         "SASRec", tiny_data, tmp_path, cf_config={"train_neg_sample_args": {"distribution": "uniform"}}, **TIMES)
     with pytest.raises(ConfigError, match="cf_config: SASRec with loss_type CE"):
         CFBackbone(seq_config, seq_train._dataset, "SASRec")
+
+
+# ----- a general backbone under a sequential LLM model: RecBole's general evaluation (issue #23) ----------------
+@pytest.mark.parametrize("name", ["BPR", "LightGCN"])
+def test_general_backbone_under_tca4rec_is_selected_and_scored_as_recbole_alone(tiny_data, tmp_path, name):
+    """The cf_pretrain stage under TCA4Rec (sequential loaders, which mask nothing) selects its epoch on RecBole's
+    general validation (training items masked), as ``run_recbole_llm(model=name)`` on the same split; its own
+    test loader masks training + validation items, as RecBole does for the model alone."""
+    config, train, valid, test = _llm_model_data("TCA4Rec", tiny_data, tmp_path, cf_config=FAST, **TIMES)
+    backbone, artifact = _run_stage(config, train, valid, name)
+    alone = _alone(name, config, tiny_data, tmp_path)
+    assert alone["best_valid_result"]["ndcg@10"] > 0.2  # trained: the clustered data is predictable
+    assert artifact["best_valid_result"] == dict(alone["best_valid_result"])
+
+    own_valid, own_test = backbone.eval_data(valid, test)
+    trainer = get_trainer(backbone.config["MODEL_TYPE"], name)(backbone.config, backbone.model)
+    assert dict(trainer.evaluate(own_valid, load_best_model=False)) == dict(alone["best_valid_result"])
+    assert dict(trainer.evaluate(own_test, load_best_model=False)) == dict(alone["test_result"])
+    # the sequential loader ranks the user's training items too: the same model scores far lower there
+    assert trainer.evaluate(test, load_best_model=False)["ndcg@10"] < alone["test_result"]["ndcg@10"] / 2
+
+
+def test_plain_splits_are_recboles_general_split(tiny_data, tmp_path):
+    """On a file out of time order with tied times: the plain training rows (in order), the held-out items and
+    the masked histories of the backbone's loaders are those of RecBole's general leave-one-out split."""
+    lines = open(f"{tiny_data}/tiny/tiny.inter").read().splitlines()
+    rows = [line.split("\t") for line in lines[1:]]
+    random.Random(3).shuffle(rows)  # users appear in the file in another order than in time
+    os.makedirs(tmp_path / "shuffled" / "tiny")
+    with open(tmp_path / "shuffled" / "tiny" / "tiny.inter", "w") as f:
+        f.write("\n".join([lines[0]] + ["\t".join(r[:3] + [str(int(r[3]) // 4)]) for r in rows]) + "\n")  # ties
+    data = str(tmp_path / "shuffled")
+    seq_config, train, valid, test = _llm_model_data("SASRec", data, tmp_path, **TIMES)
+    general = Config("BPR", "tiny", config_dict=tiny_config(data, **SEQUENTIAL))
+    init_seed(general["seed"], general["reproducibility"])
+    g_train, g_valid, g_test = data_preparation(general, create_dataset(general))
+
+    def pairs(dataset):
+        return list(zip(dataset.inter_feat["user_id"].tolist(), dataset.inter_feat["item_id"].tolist()))
+
+    plain = training_interactions(train._dataset)
+    assert pairs(plain) == pairs(g_train._dataset)  # the same rows in the same order (shuffle, negatives)
+    assert plain.inter_feat["user_id"].tolist() != sorted(plain.inter_feat["user_id"].tolist())  # not by id
+    backbone = CFBackbone(seq_config, train._dataset, "BPR")
+    own_valid, own_test = backbone.eval_data(valid, test)
+    for own, theirs in ((own_valid, g_valid), (own_test, g_test)):
+        assert sorted(pairs(own._dataset)) == sorted(pairs(theirs._dataset))
+        assert torch.equal(own.uid_list, theirs.uid_list)
+        for u in theirs.uid_list.tolist():
+            assert sorted(own.uid2history_item[u].tolist()) == sorted(theirs.uid2history_item[u].tolist())
+    # a general LLM model's loaders are already RecBole's for a general backbone: returned as they are
+    g_config, g_train_data, g_valid_data, g_test_data = _llm_model_data("GLTA", tiny_data, tmp_path)
+    assert CFBackbone(g_config, g_train_data._dataset, "BPR").eval_data(g_valid_data, g_test_data) == \
+        (g_valid_data, g_test_data)
+
+
+def test_mask_history_sets_the_rows_seen_items_to_minus_infinity(tiny_data, tmp_path):
+    config, train, valid, _ = _llm_model_data("SASRec", tiny_data, tmp_path, cf_config=dict(FAST, epochs=1),
+                                              **TIMES)
+    plain, artifact = _run_stage(config, train, valid, "BPR")
+    masked = CFBackbone(config, train._dataset, "BPR", mask_history=True)
+    masked.load(artifact)
+    batch = next(iter(train))
+    batch["item_id"][0] = batch["item_id_list"][0, 0]  # a re-consumed target keeps its score
+    raw, scores = plain.logits(batch), masked.logits(batch)
+    seen = torch.zeros_like(raw, dtype=torch.bool)
+    for row, (seq, n) in enumerate(zip(batch["item_id_list"].tolist(), batch["item_length"].tolist())):
+        seen[row, seq[:n]] = True
+    seen[0, batch["item_id"][0]] = False
+    assert seen.sum() > len(batch) and torch.isneginf(scores[seen]).all()
+    assert torch.equal(scores[~seen], raw[~seen])

@@ -290,3 +290,59 @@ def test_decoding_and_scoring_under_quantization(quantization):
     items, scores = beam_search_items(llm, trie, input_ids, attention, num_beams=4)
     assert all(i in trie for i in items.flatten().tolist()) and torch.isfinite(scores).all()
     assert choice_logits(llm, input_ids, attention, answer_token_ids(tokenizer, ["Yes", "No"])).shape == (2, 2)
+
+
+def _left_out_reference(trie, prefix, excluded):
+    """Brute force: the tokens after ``prefix`` with a non-excluded item under them (``end`` if none)."""
+    tokens = {trie.tokens(i)[len(prefix)] for i in trie._sequences if i not in excluded
+              and len(trie.tokens(i)) > len(prefix) and tuple(trie.tokens(i)[:len(prefix)]) == prefix}
+    if not tokens and prefix and prefix[-1] == END:  # an ended item continues with the end marker
+        item = trie.item(prefix)
+        tokens = {END} if item is not None and item not in excluded else set()
+    return tokens or {END}
+
+
+def test_excluded_items_are_left_out_of_the_allowed_tokens():
+    """``continuations(prefixes, kept, rows)``: a token is allowed only with a kept item under it (a beam never
+    completes an excluded item); with nothing excluded the pairs are those of ``continuations(prefixes)``."""
+    rng = random.Random(11)
+    trie = ItemTrie(random_sequences(rng, 60, tokens=range(100, 106)), END)
+    prefixes = sorted(prefixes_of(trie))
+    exclude = torch.rand(3, 61, generator=torch.Generator().manual_seed(0)) < torch.tensor([[0.0], [0.4], [0.9]])
+    kept = trie.kept_counts(exclude)
+    for length in sorted({len(p) for p in prefixes}):
+        group = [p for p in prefixes if len(p) == length]
+        batch = torch.tensor(group, dtype=torch.long).view(len(group), length)
+        rows = torch.tensor([r % 3 for r in range(len(group))])
+        got = [set() for _ in group]
+        for row, token in zip(*[t.tolist() for t in trie.continuations(batch, kept, rows)]):
+            got[row].add(token)
+        for row, prefix in enumerate(group):
+            excluded = set(torch.nonzero(exclude[rows[row]]).flatten().tolist())
+            assert got[row] == _left_out_reference(trie, prefix, excluded), (prefix, excluded)
+        plain = sorted(zip(*[t.tolist() for t in trie.continuations(batch)]))
+        none_out = trie.kept_counts(torch.zeros(len(group), 61, dtype=torch.bool))
+        assert sorted(zip(*[t.tolist() for t in trie.continuations(batch, none_out)])) == plain
+
+
+def test_beam_search_leaves_excluded_items_out(tiny):
+    """A trie of 8 items and 8 beams: every item is found, so leaving some out gives the others in the same order
+    with the same scores (the rows padded with item 0)."""
+    llm, tokenizer = tiny
+    rng = random.Random(12)
+    trie = ItemTrie(random_sequences(rng, 8, tokens=range(100, 104)), END)
+    input_ids, attention = random_prompts(rng, 3, tokenizer.pad_token_id)
+    items, scores = beam_search_items(llm, trie, input_ids, attention, num_beams=8)
+    exclude = torch.zeros(3, 9, dtype=torch.bool)
+    exclude[0, [1, 2, 3]] = True
+    exclude[1, items[1, 0]] = True  # the best item
+    left, left_scores = beam_search_items(llm, trie, input_ids, attention, num_beams=8, exclude=exclude)
+    for row in range(3):
+        keep = ~exclude[row, items[row]]
+        n = int(keep.sum())
+        assert left[row, :n].tolist() == items[row, keep].tolist()
+        assert torch.allclose(left_scores[row, :n], scores[row, keep], atol=1e-4)
+        assert (left[row, n:] == 0).all() and torch.isneginf(left_scores[row, n:]).all()
+    same, same_scores = beam_search_items(llm, trie, input_ids, attention, num_beams=8,
+                                          exclude=torch.zeros(3, 9, dtype=torch.bool))
+    assert torch.equal(same, items) and torch.equal(same_scores, scores)

@@ -15,7 +15,7 @@ from recbole_llm.trainer import LLMTrainer
 from recbole_llm.utils import create_dataset, data_preparation
 from tests.conftest import tiny_config
 
-END = 2  # SmolLM2's EOS: the trie's end marker
+END = 2  # an end marker for the hand-made tries
 SEQUENTIAL = {"load_col": {"inter": ["user_id", "item_id", "timestamp"]}, "llm_dtype": "fp32",
               "cf_config": {"epochs": 2}}
 
@@ -152,15 +152,24 @@ def test_constrained_beam_search_emits_only_real_items(request, identifier):
 
 
 def test_training_rows_per_user_and_options(tiny_seq_data):
-    config, model, train, _, _ = build(tiny_seq_data, alpha=0, train_rows_per_user=2, train_batch_size=7)
+    config, model, train, _, _ = build(tiny_seq_data, alpha=0, train_rows_per_user=2, train_batch_size=7,
+                                       train_format="rows")
     batches = model.train_batches(train, 0)
     users = torch.cat([b[model.USER_ID] for b in batches])
     assert sorted(users.tolist()) == sorted(2 * list(range(1, 41)))
     lengths = torch.cat([b[model.ITEM_SEQ_LEN] for b in batches])
     assert set(lengths.tolist()) == {6, 7}  # each user's last two training targets (10 items: histories 1..7)
-    assert model.final_stage().batches is not None
-    _, every_row, _, _, _ = build(tiny_seq_data, alpha=0, train_rows_per_user=None)
-    assert every_row.final_stage().batches is None  # ~: RecBole's own loop over every training row
+    assert model.final_stage().batches == model.train_batches
+    _, packed, _, _, _ = build(tiny_seq_data, alpha=0)
+    assert packed.final_stage().batches == packed.packed_batches  # the default format
+    _, every_row, _, _, _ = build(tiny_seq_data, alpha=0, train_rows_per_user=None, train_format="rows")
+    assert every_row.final_stage().batches is None  # rows, ~: RecBole's own loop over every training row
+    with pytest.raises(ConfigError, match="train_format: unknown 'stream'"):
+        build(tiny_seq_data, train_format="stream")
+    with pytest.raises(ConfigError, match="chunk_items: must be a positive integer"):
+        build(tiny_seq_data, chunk_items=0)
+    with pytest.raises(ConfigError, match="prompt: the history items follow the prompt"):
+        build(tiny_seq_data, prompt="History: {history}. Next?")
     with pytest.raises(ConfigError, match="item_identifier: unknown 'isbn'"):
         build(tiny_seq_data, item_identifier="isbn")
     with pytest.raises(ConfigError, match="num_beams"):
@@ -208,7 +217,7 @@ def test_semantic_id_items_are_code_sequences(semantic):
     batch = next(iter(train))
     seq, n = batch[model.ITEM_SEQ][0].tolist(), int(batch[model.ITEM_SEQ_LEN][0])
     prompt = model.prompts(batch[:1])[0]
-    assert "item code only" in model.tokenizer.decode(prompt) and "title" not in model.tokenizer.decode(prompt)
+    assert "item code the user will watch next" in model.tokenizer.decode(prompt) and "title" not in model.tokenizer.decode(prompt)
     for item in seq[:n][-model.history_len:]:
         ids = model.item_token_ids(item)
         assert any(prompt[k:k + len(ids)] == ids for k in range(len(prompt)))
@@ -236,3 +245,64 @@ def test_semantic_id_trains_one_step_and_evaluates(semantic):
     trainer.fit(train, valid, saved=False)
     result = trainer.evaluate(test, load_best_model=False)
     assert set(result) >= {"hit@1", "hit@10", "ndcg@10"} and 0 <= result["hit@10"] <= 1
+
+
+# ----- exclude_seen_items: the beams leave the user's seen items out (issue #23) ---------------------------------
+def _seen(model, train, batch):
+    """(B, n_items) bool: each row's history and its user's training items (what RecBole masks for a general
+    model), built here from the training split's plain interactions."""
+    from recbole_llm.model.backbone import training_interactions
+
+    plain = training_interactions(train._dataset).inter_feat
+    seen = torch.zeros(len(batch), model.n_items, dtype=torch.bool)
+    users = batch[model.USER_ID].tolist()
+    for u, i in zip(plain[model.USER_ID].tolist(), plain[model.ITEM_ID].tolist()):
+        for row in [r for r, v in enumerate(users) if v == u]:
+            seen[row, i] = True
+    for row, (seq, n) in enumerate(zip(batch[model.ITEM_SEQ].tolist(), batch[model.ITEM_SEQ_LEN].tolist())):
+        seen[row, seq[:n]] = True
+    return seen
+
+
+def test_exclude_seen_items_leaves_the_users_history_out_of_the_top_k(tiny_seq_data, base):
+    _, default, _, _, test = base
+    config, model, train, _, _ = build(tiny_seq_data, alpha=0, exclude_seen_items=True)
+    default.eval()
+    model.eval()
+    batch = next(iter(test))[0]
+    seen = _seen(model, train, batch)
+    expected = seen.clone()
+    expected[:, 0] = True  # the padding item
+    assert torch.equal(model.ranking.exclude(batch, "cpu"), expected)
+    k = max(config["topk"])
+    scores = model.full_sort_predict(batch).view(len(batch), -1)
+    assert not seen.gather(1, scores.topk(k).indices).any()
+    assert torch.isneginf(scores[seen]).all()
+    items, _ = model._score(batch, model.ranking.exclude(batch, model.device))
+    assert ((items >= 1) & (items < model.n_items)).all() and not seen.gather(1, items).any()
+    # without the option (the default): nothing is left out, and the same LLM ranks seen items
+    assert not default.ranking.exclude_seen and not default.ranking.exclude(batch, "cpu")[:, 1:].any()
+    assert seen.gather(1, default.full_sort_predict(batch).view(len(batch), -1).topk(k).indices).any()
+    with pytest.raises(ConfigError, match="exclude_seen_items"):
+        build(tiny_seq_data, alpha=0, exclude_seen_items="yes")
+
+
+def test_soft_labels_give_masked_items_no_mass():
+    """cf_mask_history's -inf logits: a masked item takes no mass; a prefix whose items are all masked (a target
+    in its own history) spreads its mass evenly rather than giving NaN."""
+    trie = ItemTrie({1: [100, 101], 2: [100, 102], 3: [103]}, END)
+    targets = torch.tensor([[100, 101, END]])
+    labels = trie.soft_labels(targets, torch.tensor([[0.0, 1.0, -torch.inf, 2.0]]), 110)[0]
+    assert labels[1, 102] == 0 and labels[1, 101] == 1
+    labels = trie.soft_labels(targets, torch.tensor([[0.0, -torch.inf, -torch.inf, 2.0]]), 110)[0]
+    assert torch.isfinite(labels).all() and labels[0, 100] == 0 and labels[0, 103] == 1
+    assert labels[1, 101] == labels[1, 102] == 0.5 and labels[2, END] == 1
+
+
+def test_cf_mask_history_reaches_the_teacher(tiny_seq_data):
+    _, model, _, _, _ = build(tiny_seq_data, alpha=0.3, cf_backbone="MF", cf_mask_history=True)
+    assert model.cf.mask_history and model.cf.on_plain_data  # MF on sequential data: RecBole's general scoring
+    _, default, _, _, _ = build(tiny_seq_data, alpha=0.3, cf_backbone="MF")
+    assert not default.cf.mask_history  # the reference's raw logits
+    with pytest.raises(ConfigError, match="cf_mask_history"):
+        build(tiny_seq_data, alpha=0.3, cf_mask_history="no")

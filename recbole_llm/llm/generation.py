@@ -128,17 +128,26 @@ class TrieLogitsProcessor(LogitsProcessor):
     Args:
         trie (ItemTrie): the items.
         prompt_length (int): ids before the generated ones in ``input_ids`` (0 with ``inputs_embeds``).
+        exclude (BoolTensor): (B, n) items (by id) each prompt must not complete, e.g. the user's seen items;
+            a beam only takes a token with an item left under it. None: every item.
+        num_beams (int): beams per prompt (``input_ids`` row r belongs to prompt r // num_beams).
     """
 
-    def __init__(self, trie, prompt_length):
+    def __init__(self, trie, prompt_length, exclude=None, num_beams=1):
         self.trie = trie
         self.prompt_length = prompt_length
+        self.kept = None if exclude is None else trie.kept_counts(exclude)
+        self.num_beams = num_beams
 
     def __call__(self, input_ids, scores):
         if self.trie.max_token >= scores.shape[-1]:
             raise ConfigError(f"beam search: the item trie has token id {self.trie.max_token}, beyond the LLM's "
                               f"vocabulary of {scores.shape[-1]}")
-        allowed = self.trie.continuations(input_ids[:, self.prompt_length:])
+        kept, rows = None, None
+        if self.kept is not None:
+            kept = self.kept.to(input_ids.device)
+            rows = torch.arange(len(input_ids), device=input_ids.device) // self.num_beams
+        allowed = self.trie.continuations(input_ids[:, self.prompt_length:], kept, rows)
         kept = torch.full_like(scores, -torch.inf)
         kept[allowed] = scores[allowed]
         return kept
@@ -181,7 +190,7 @@ def beam_search(llm, input_ids, attention_mask, num_beams=10, topk=None, max_new
 
 @torch.no_grad()
 def beam_search_items(llm, trie, input_ids, attention_mask, num_beams=10, topk=None, placeholder_mask=None,
-                      vectors=None, max_new_tokens=None):
+                      vectors=None, max_new_tokens=None, exclude=None):
     """Top-K items of each prompt by beam search constrained to ``trie``: only real items come out.
 
     Args:
@@ -191,6 +200,8 @@ def beam_search_items(llm, trie, input_ids, attention_mask, num_beams=10, topk=N
         num_beams (int): beams per prompt; ``topk`` (<= num_beams, default num_beams) items are returned.
         placeholder_mask, vectors: placeholder positions and their vectors (as in ``embed_inputs``).
         max_new_tokens (int): at least ``trie.depth`` (the default), so that every item can be completed.
+        exclude (BoolTensor): (B, n) items (by id) left out of each prompt's beams (e.g. the user's history);
+            None: none.
 
     Returns:
         (items (B, K) LongTensor, scores (B, K) FloatTensor): items best first with their sequence
@@ -202,9 +213,9 @@ def beam_search_items(llm, trie, input_ids, attention_mask, num_beams=10, topk=N
         raise ConfigError(f"beam search: max_new_tokens={max_new_tokens} cannot complete items of "
                           f"{trie.depth} tokens")
     prompt_length = 0 if vectors is not None else input_ids.shape[1]
+    processor = TrieLogitsProcessor(trie, prompt_length, exclude, num_beams)
     tokens, scores = beam_search(llm, input_ids, attention_mask, num_beams, topk, max_new_tokens, placeholder_mask,
-                                 vectors, eos_id=trie.end_id,
-                                 logits_processor=LogitsProcessorList([TrieLogitsProcessor(trie, prompt_length)]))
+                                 vectors, eos_id=trie.end_id, logits_processor=LogitsProcessorList([processor]))
     items = trie.items_of(tokens.flatten(0, 1)).view(scores.shape)
     dead = (items == 0) | (scores < -1e8)  # HF's filler hypotheses when fewer than K items finished
     return items.masked_fill(dead, 0), scores.masked_fill(dead, -torch.inf)

@@ -187,24 +187,53 @@ class ItemTrie:
             his.append(hi)
         return torch.stack(los, 1), torch.stack(his, 1)
 
-    def continuations(self, prefixes):
+    def continuations(self, prefixes, kept=None, rows=None):
         """The allowed next tokens of a batch of prefixes (B, L), sparse: (row, token) LongTensor pairs.
 
         A prefix that continues no item gets ``end_id`` only (a row is never empty).
+
+        ``kept`` (from ``kept_counts``, (R, N + 1)) leaves items out: a token is allowed only if a kept item lies
+        under it, so a beam never completes a left-out item nor enters a subtree of left-out items only. Prefix
+        ``b`` uses row ``rows[b]`` of ``kept`` (default ``b``: e.g. ``arange(B) // num_beams`` for beams).
         """
         lo, hi = self.walk(prefixes)
-        return self._continuations(lo[:, -1], hi[:, -1], torch.full_like(lo[:, -1], prefixes.shape[1]))
+        return self._continuations(lo[:, -1], hi[:, -1], torch.full_like(lo[:, -1], prefixes.shape[1]), kept, rows)
 
-    def _continuations(self, lo, hi, depth):
-        """(node, token) pairs of flat nodes ``[lo, hi)`` at ``depth``: the first row of each child range."""
+    def kept_counts(self, exclude):
+        """Running counts of the items not in ``exclude`` (R, n bool indexed by item id, e.g. a user's seen
+        items), in the trie's sorted order: (R, N + 1) int32, for ``continuations(..., kept=...)``. Ids beyond
+        ``exclude``'s width (items added later) are kept."""
+        t = self.compiled(exclude.device)
+        items = t["items"]
+        inside = items < exclude.shape[1]
+        left_out = torch.zeros(len(exclude), len(items), dtype=torch.bool, device=exclude.device)
+        left_out[:, inside] = exclude[:, items[inside]].bool()
+        counts = torch.zeros(len(exclude), len(items) + 1, dtype=torch.int32, device=exclude.device)
+        counts[:, 1:] = (~left_out).int().cumsum(1)
+        return counts
+
+    def _continuations(self, lo, hi, depth, kept=None, rows=None):
+        """(node, token) pairs of flat nodes ``[lo, hi)`` at ``depth``: the first row of each child range; with
+        ``kept``, only children with a kept item (a node left without one gets ``end_id``)."""
         t = self.compiled(lo.device)
         n, width = t["codes"].shape
         offset = depth.clamp(max=width - 1) * n
         first = torch.searchsorted(t["edge_pos"], offset + lo)
         count = torch.searchsorted(t["edge_pos"], offset + hi) - first
-        dead = torch.nonzero(count == 0).flatten()
         node, edge = _expand(first, count)
-        return torch.cat([node, dead]), torch.cat([t["edge_tokens"][edge], torch.full_like(dead, self.end_id)])
+        tokens = t["edge_tokens"][edge]
+        if kept is not None:
+            # child k of a node spans [its first row, the next child's first row or the node's end)
+            start = t["edge_pos"][edge] - offset[node]
+            last = edge + 1 == first[node] + count[node]
+            following = t["edge_pos"][(edge + 1).clamp(max=len(t["edge_pos"]) - 1)] - offset[node]
+            end = torch.where(last, hi[node], following)
+            owner = node if rows is None else rows.to(node.device)[node]
+            keep = kept[owner, end] > kept[owner, start]
+            node, tokens = node[keep], tokens[keep]
+            count = torch.zeros_like(count).index_add_(0, node, torch.ones_like(node))
+        dead = torch.nonzero(count == 0).flatten()
+        return torch.cat([node, dead]), torch.cat([tokens, torch.full_like(dead, self.end_id)])
 
     def next_token_mask(self, prefixes, vocab_size, every_position=False):
         """Tokens that continue each prefix towards an item: (B, vocab_size) bool after the whole prefix, or
@@ -226,7 +255,8 @@ class ItemTrie:
 
         Args:
             prefixes (LongTensor): (B, L) ground-truth item tokens (negative ids count as ``end_id``).
-            item_scores (Tensor): (B, n_items) scores indexed by item id (e.g. a backbone's ``logits``).
+            item_scores (Tensor): (B, n_items) scores indexed by item id (e.g. a backbone's ``logits``); -inf
+                leaves an item out (no mass), unless every item under the prefix is -inf (then they share it).
             vocab_size (int): the LLM's vocabulary size.
 
         Returns:
@@ -242,7 +272,8 @@ class ItemTrie:
         segment, row = _expand(lo.reshape(-1), size)
         scores = item_scores.float()[segment // positions, t["items"][row]]
         top = torch.full((size.numel(),), -torch.inf, device=lo.device).scatter_reduce(0, segment, scores, "amax")
-        weight = (scores - top[segment]).exp()
+        scored = torch.isfinite(top)[segment]  # a subtree of -inf scores only (masked items) is uniform
+        weight = torch.where(scored, (scores - top[segment]).exp(), torch.ones_like(scores))
         total = torch.zeros(size.numel(), device=lo.device).index_add_(0, segment, weight)
         token = codes[row, (segment % positions).clamp(max=codes.shape[1] - 1)]
         labels = torch.zeros(size.numel(), vocab_size, device=lo.device)

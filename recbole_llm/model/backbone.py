@@ -9,21 +9,35 @@ change the backbone, and with the same ``cf_config`` the backbone alone trains e
 ``run_recbole_llm(model=<backbone>)`` (RecBole's ``run_recbole``) on the same dataset, split and seed.
 
 A general backbone under a sequential LLM model trains on the split's plain user-item interactions, not on
-the sequence-augmented rows. Negative sampling comes from the backbone's config (uniform, 1 negative for
-BPR / LightGCN; none for SASRec with its CE loss), with samplers built as ``recbole.data.utils`` does.
-The stage's artifact is the backbone's state dict (and its best validation result); loading it rebuilds the
-RecBole model, frozen, in eval mode.
+the sequence-augmented rows, in the order RecBole's general split holds them. It is validated (early stopping,
+best epoch) as RecBole validates that model alone: on the validation targets as plain interactions, by a
+general ``FullSortEvalDataLoader`` that masks each user's training items (``eval_data``). The LLM model's own
+sequential loader masks nothing, as RecBole does for sequential models; selecting a general model on it keeps
+underfit checkpoints (issue #23: a popularity count's ml-100k HR@10 is 0.050 unmasked, 0.082 masked). The
+held-out item of each user is the same in both splits when every user has at least 4 interactions (RecBole's
+sequential split has no row for a user's first item: a user with 3 has no validation row there, one with 2 no
+test row); ``eval_data`` follows the LLM model's split, the one its own rows are scored on. ``eval_data(valid, test)``
+gives the test loader as well (training + validation items masked): "the backbone alone" for tables.
+Negative sampling comes from the backbone's config (uniform, 1 negative for BPR / LightGCN; none for SASRec with
+its CE loss), with samplers built as ``recbole.data.utils`` does. The stage's artifact is the backbone's state
+dict (and its best validation result); loading it rebuilds the RecBole model, frozen, in eval mode.
+
+``mask_history`` (the LLM model's ``cf_mask_history``, off by default as in TCA4Rec's reference code): ``logits``
+sets the scores of each row's history items (``item_id_list``) to -inf, except the row's own target when the
+batch has it, as RecBole masks a general model's seen items; for a teacher's soft labels.
 
     cf = CFBackbone(config, dataset, "LightGCN")     # in the LLM model's __init__ (dataset: its training split)
     stages = [cf.stage(on_load=...), ...]            # in its stages()
     user, item = cf.embeddings()                     # (n_users, d), (n_items, d); user is None for SASRec
     scores = cf.logits(interaction)                  # (B, n_items): RecBole's full_sort_predict
+    valid, test = cf.eval_data(valid_data, test_data)  # RecBole's loaders for the backbone alone on this split
 """
 import copy
 import logging
 import os
 import uuid
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
@@ -91,8 +105,19 @@ def training_interactions(dataset):
 
     A ``SequentialDataset`` split holds one augmented row per target: ``<i1..it-1> | it``. Its plain
     interactions are every row's target plus each user's first item (the history of the row of length 1), as
-    RecBole's ``SequentialDataset.inter_matrix`` rebuilds them; other datasets are returned as they are.
+    RecBole's ``SequentialDataset.inter_matrix`` rebuilds them, in the order of RecBole's general leave-one-out
+    split (``general_order``); other datasets are returned as they are.
     """
+    return _plain_interactions(dataset, first_items=True)
+
+
+def evaluation_interactions(dataset):
+    """A sequential validation or test split as plain interactions: each row's user and target (the LLM model's
+    held-out item), for RecBole's general evaluation loaders; other datasets are returned as they are."""
+    return _plain_interactions(dataset, first_items=False)
+
+
+def _plain_interactions(dataset, first_items):
     if not isinstance(dataset, SequentialDataset):
         return dataset
     feat, suffix = dataset.inter_feat, dataset.config["LIST_SUFFIX"]
@@ -101,13 +126,35 @@ def training_interactions(dataset):
     for field in feat.columns:
         if field == dataset.item_list_length_field or field.endswith(suffix):
             continue
+        if not first_items:
+            fields[field] = feat[field]
+            continue
         first_values = first[field + suffix][:, 0] if field + suffix in feat.columns else first[field]
-        fields[field] = torch.cat([feat[field], first_values])
+        fields[field] = torch.cat([first_values, feat[field]])  # a first item precedes its user's targets
     plain = Dataset.__new__(Dataset)  # the same fields, ids and features, as a general dataset
     plain.__dict__.update(dataset.__dict__)
     plain.inter_feat = Interaction(fields)
     plain.sort(by=[f for f in (plain.uid_field, plain.time_field) if f in fields])
+    general_order(plain)
     return plain
+
+
+def general_order(dataset):
+    """Reorder ``dataset`` (sorted by user, then time) in place as RecBole's general leave-one-out split holds
+    its rows: ``Dataset.build`` sorts by time (stable), ``leave_one_out`` groups by user in order of first
+    appearance. Each user's rows keep their order (time, ties as in the file: both RecBole sorts are stable);
+    users come in the order of their first interaction (ties by id, RecBole's order of appearance in the file).
+    The order matters: RecBole's training loader shuffles row indices and samples negatives batch by batch."""
+    if dataset.time_field is None or dataset.time_field not in dataset.inter_feat:
+        return
+    users = dataset.inter_feat[dataset.uid_field].numpy()
+    times = dataset.inter_feat[dataset.time_field].numpy().astype(np.float64)
+    first = np.full(dataset.user_num, np.inf)
+    np.minimum.at(first, users, times)
+    rank = np.empty(dataset.user_num, dtype=np.int64)
+    rank[np.lexsort((np.arange(dataset.user_num), first))] = np.arange(dataset.user_num)
+    order = np.argsort(rank[users], kind="stable")
+    dataset.inter_feat = dataset.inter_feat[torch.from_numpy(order)]
 
 
 def _tables(model):
@@ -143,11 +190,13 @@ class CFBackbone:
         config (Config): the LLM model's config (``cf_config`` overrides the backbone's training defaults).
         dataset (Dataset): the LLM model's training split (sequential for a sequential LLM model).
         name (str): the RecBole model class, e.g. ``BPR``, ``LightGCN``, ``SASRec``, ``DCCF``.
+        mask_history (bool): ``logits`` sets each row's history items to -inf (see the module docstring).
 
     ``model`` is the frozen RecBole model once the stage is loaded (None before).
     """
 
-    def __init__(self, config, dataset, name):
+    def __init__(self, config, dataset, name, mask_history=False):
+        self.mask_history = bool(mask_history)
         self.config, self.model_class = backbone_config(config, name)
         self.name = self.model_class.__name__
         self.device = config["device"]
@@ -158,7 +207,9 @@ class CFBackbone:
         if sequential and not isinstance(dataset, SequentialDataset):
             raise ConfigError(f"cf_backbone: {name} is sequential and needs sequential data "
                               f"(this model's data is {config['MODEL_TYPE'].name.lower()})")
-        if not sequential and isinstance(dataset, SequentialDataset):
+        # a general model on a sequential split: its plain interactions, and RecBole's general evaluation
+        self.on_plain_data = not sequential and isinstance(dataset, SequentialDataset)
+        if self.on_plain_data:
             self.config["repeatable"] = False  # the plain interactions: RecBole's setting for a general model
         self.dataset = dataset if sequential else training_interactions(dataset)
         self.model = None
@@ -177,15 +228,39 @@ class CFBackbone:
             if on_load is not None:
                 on_load()
 
-        return Stage(name, self.build, load, [backbone_key, "cf_config", "valid_metric"])
+        stage = Stage(name, self.build, load, [backbone_key, "cf_config", "valid_metric"])
+        if self.on_plain_data:  # validated on RecBole's general loader since issue #23: older artifacts are stale
+            stage.key_values = lambda config: dict(Stage.key_values(stage, config), backbone_validation="general")
+        return stage
+
+    def eval_data(self, valid_data, test_data=None):
+        """RecBole's evaluation loaders for this backbone alone on the LLM model's split: ``(valid, test)``.
+
+        For a general backbone on sequential data: each split's targets as plain interactions, in the loaders
+        ``run_recbole_llm(model=<backbone>)`` builds (the backbone's config, MODEL_TYPE general) with RecBole's
+        samplers over (training, validation, test), so a user's training items are masked at validation and
+        training + validation items at test. Otherwise the LLM model's loaders are already RecBole's for the
+        backbone (same model type) and are returned as they are. ``test_data`` may be None (then so is ``test``).
+        """
+        if not self.on_plain_data:
+            return valid_data, test_data
+        config = self.config
+        valid = evaluation_interactions(valid_data._dataset)
+        test = evaluation_interactions(test_data._dataset) if test_data is not None else None
+        _, valid_sampler, test_sampler = create_samplers(config, self.dataset,
+                                                         [self.dataset, valid, valid if test is None else test])
+        own_valid = get_dataloader(config, "valid")(config, valid, valid_sampler, shuffle=False)
+        own_test = None if test is None else get_dataloader(config, "test")(config, test, test_sampler, shuffle=False)
+        return own_valid, own_test
 
     def build(self, trainer, train_data, valid_data):
-        """Train the backbone with RecBole's own trainer (early stopping on ``valid_data``; the LLM model's
-        ``trainer`` and ``train_data`` are not used: the backbone has its own loader and settings); return its
-        best state."""
+        """Train the backbone with RecBole's own trainer (early stopping on its validation loader, ``eval_data``
+        of the LLM model's ``valid_data``; the LLM model's ``trainer`` and ``train_data`` are not used: the
+        backbone has its own loaders and settings); return its best state."""
         config = self.config
         train_sampler, _, _ = create_samplers(config, self.dataset, [self.dataset] * 3)  # sees only the training split
         train_loader = get_dataloader(config, "train")(config, self.dataset, train_sampler, shuffle=config["shuffle"])
+        valid_data, _ = self.eval_data(valid_data)
         init_seed(config["seed"] + config["local_rank"], config["reproducibility"])  # as run_recbole does
         model = self.model_class(config, self.dataset).to(self.device)
         recbole_trainer = get_trainer(config["MODEL_TYPE"], self.name)(config, model)
@@ -241,9 +316,27 @@ class CFBackbone:
     @torch.no_grad()
     def logits(self, interaction):
         """RecBole's ``full_sort_predict``: (B, n_items) scores for a batch as RecBole's full-sort loaders give
-        it (user ids; for a sequential backbone also the history). Column 0 is RecBole's padding item."""
+        it (user ids; for a sequential backbone also the history). Column 0 is RecBole's padding item.
+
+        With ``mask_history``, each row's history items (``item_id_list`` up to ``item_length``, when the batch
+        has them) score -inf, except the row's own target (``item_id``, when the batch has it)."""
         model = self._loaded()
-        return model.full_sort_predict(interaction.to(self.device)).view(-1, model.n_items)
+        scores = model.full_sort_predict(interaction.to(self.device)).view(-1, model.n_items)
+        return self._mask_history(scores, interaction) if self.mask_history else scores
+
+    def _mask_history(self, scores, interaction):
+        iid = self.config["ITEM_ID_FIELD"]
+        seq_field, len_field = iid + self.config["LIST_SUFFIX"], self.config["ITEM_LIST_LENGTH_FIELD"]
+        if seq_field not in interaction or len_field not in interaction:
+            return scores
+        seq = interaction[seq_field].to(scores.device)
+        seen = torch.arange(seq.shape[1], device=seq.device) < interaction[len_field].to(seq.device).view(-1, 1)
+        mask = torch.zeros_like(scores, dtype=torch.bool)
+        mask.scatter_(1, seq.masked_fill(~seen, 0), True)
+        mask[:, 0] = False  # the padding item (and the positions past the history) stay as they are
+        if iid in interaction:  # a re-consumed target keeps its score
+            mask.scatter_(1, interaction[iid].to(seq.device).view(-1, 1), False)
+        return scores.masked_fill(mask, -torch.inf)
 
 
 def _shared_checkpoint_path(config, name):

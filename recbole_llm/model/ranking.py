@@ -21,6 +21,11 @@ is lost to the mask.
               ``model.set_eval_data(eval_data)`` before it evaluates (``Ranking.set_eval_data``); until then,
               and for a negative-sampling loader (whose candidates never include used items), the training items.
   sequential  only the padding item: RecBole masks no history in sequential full ranking (items may recur).
+              With ``exclude_seen`` (a model's ``exclude_seen_items``), also the user's seen items: the row's
+              history (``item_id_list`` up to ``item_length``) and the user's training items, i.e. what RecBole
+              masks for a general model (training items at validation, + the validation item at test); the
+              model's scorer gets them in ``exclude`` (beams leave them out, through the trie), and the scores
+              RecBole ranks give them -inf, so no seen item is ever in a top-K.
 
 Cache keys: the user (general); the user and a digest of the history (``item_id_list`` up to ``item_length``)
 (sequential), so a user's validation and test rows, whose histories differ under leave-one-out, are two
@@ -40,6 +45,7 @@ from recbole.utils import ModelType
 from tqdm import tqdm
 
 from recbole_llm.errors import ConfigError
+from recbole_llm.model.backbone import training_interactions
 
 PLACED_SCORE = 1000.0
 
@@ -160,7 +166,7 @@ class Ranking:
     for keys missing from the cache.
     """
 
-    def __init__(self, config, dataset, score_fn):
+    def __init__(self, config, dataset, score_fn, exclude_seen=False):
         self.k = int(config["ranking_top_k"] or 100)
         topk = config["topk"]
         need = max(topk) if isinstance(topk, (list, tuple)) else topk or 0
@@ -178,8 +184,12 @@ class Ranking:
         self.show_progress = "show_progress" in config and bool(config["show_progress"])
         self.rank, self.world = (0, 1) if config["single_spec"] else (config["local_rank"], config["world_size"])
         self.cache = TopKCache(self.k)
-        self.train_history = None if self.sequential else training_history(dataset)
-        self.history, self.order = self.train_history, None
+        self.exclude_seen = bool(exclude_seen) and self.sequential  # a general model's history is masked anyway
+        if self.sequential:
+            self.train_history = training_history(training_interactions(dataset)) if self.exclude_seen else None
+        else:
+            self.train_history = training_history(dataset)
+        self.history, self.order = (None, None) if self.sequential else (self.train_history, None)
 
     # ----- what is masked, and when the cache is stale ---------------------------------------------------------
     def clear(self):
@@ -187,21 +197,29 @@ class Ranking:
 
     def set_eval_data(self, eval_data):
         """Mask what ``eval_data`` masks (general models; see the module docstring); called before evaluating."""
+        if self.sequential:
+            return  # what is excluded depends on the row and the user only: the cache keys hold both
         history, order = self.train_history, None
-        if not self.sequential and isinstance(eval_data, FullSortEvalDataLoader):
+        if isinstance(eval_data, FullSortEvalDataLoader):
             history, order = eval_data.uid2history_item, eval_data.uid_list
         if history is not self.history:
             self.cache.clear()
         self.history, self.order = history, order
 
     def exclude(self, batch, device):
-        """(B, n_items) bool: the padding item, and for general models each user's masked history."""
+        """(B, n_items) bool: the padding item, and for general models each user's masked history (with
+        ``exclude_seen``, for sequential models each row's history and its user's training items)."""
         mask = torch.zeros(len(batch[self.uid_field]), self.n_items, dtype=torch.bool)
-        mask[:, 0] = True
-        if not self.sequential:
+        if not self.sequential or self.exclude_seen:
             for row, u in enumerate(batch[self.uid_field].tolist()):
-                items = self.history[u] if self.history[u] is not None else self.train_history[u]
+                items = self.history[u] if self.history is not None and self.history[u] is not None \
+                    else self.train_history[u]
                 mask[row, items] = True
+        if self.exclude_seen:
+            seq, lens = batch[self.seq_field].cpu(), batch[self.seq_len_field].cpu()
+            seen = torch.arange(seq.shape[1]) < lens.view(-1, 1)
+            mask.scatter_(1, seq.masked_fill(~seen, 0), True)
+        mask[:, 0] = True
         return mask.to(device)
 
     def keys(self, interaction):
@@ -262,12 +280,24 @@ class Ranking:
         return TopK(top.items.to(device), top.scores.to(device))
 
     def full_sort_predict(self, interaction, device):
-        """RecBole's ``full_sort_predict``: (B * n_items,) scores."""
-        return full_ranking_scores(self.top(interaction, device), self.n_items).reshape(-1)
+        """RecBole's ``full_sort_predict``: (B * n_items,) scores (with ``exclude_seen``, -inf on seen items)."""
+        scores = full_ranking_scores(self.top(interaction, device), self.n_items)
+        if self.exclude_seen:
+            scores = scores.masked_fill(self.exclude(self._interaction(interaction), device), -np.inf)
+        return scores.reshape(-1)
 
     def predict(self, interaction, item_field, device):
         """RecBole's ``predict``: (B,) scores of the (row, item) pairs, the same rule as full ranking."""
-        return pair_scores(self.top(interaction, device), interaction[item_field].to(device))
+        items = interaction[item_field].to(device)
+        scores = pair_scores(self.top(interaction, device), items)
+        if self.exclude_seen:
+            seen = self.exclude(self._interaction(interaction), device).gather(1, items.view(-1, 1)).squeeze(1)
+            scores = scores.masked_fill(seen, -np.inf)
+        return scores
+
+    @staticmethod
+    def _interaction(interaction):
+        return interaction if isinstance(interaction, Interaction) else Interaction(dict(interaction))
 
 
 class TopKRanked:

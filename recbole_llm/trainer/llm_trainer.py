@@ -12,6 +12,8 @@ What it adds to RecBole's loop:
   CUDA; gradient accumulation, an optimizer over trainable parameters only, linear warm-up, clipping, tqdm bars
   and TensorBoard scalars.
 """
+from collections.abc import Sequence
+
 import torch
 from recbole.data.dataloader import AbstractDataLoader
 from recbole.data.interaction import Interaction
@@ -143,7 +145,8 @@ class LLMTrainer(Trainer):
                 batches.sampler.set_epoch(epoch)
             return batches
         world = self.config["world_size"]  # equal shares: every rank takes part in every all-reduce
-        batches = list(batches)
+        if not isinstance(batches, Sequence):  # a Sequence (e.g. packed batches) is sliced without being built
+            batches = list(batches)
         return batches[:len(batches) - len(batches) % world][self.config["local_rank"]::world]
 
     def train_steps(self, batches, loss_fn, optimizer, desc, show_progress=None, autocast=True, epoch=0):

@@ -28,7 +28,10 @@ Stages, in the paper's order (each cached by ``StageCache``; 1-4, the alignment 
                              ``tca_alpha: 0`` with both off (default) is the plain SFT loss.
 Inference: the LC-Rec prompt, beam search constrained to the item trie (every output is a real item), the beams'
 items ranked first through ``recbole_llm.model.ranking`` (the rest tied below). ``recbole_llm.serve`` caches the
-top-K per user and adds new items without retraining.
+top-K per user and adds new items without retraining. ``exclude_seen_items: True`` leaves the user's seen items
+(the row's history and training items; in ``recommend``, the given history) out of the beams through the trie
+(off by default: RecBole masks no history for sequential models). ``cf_mask_history: True`` sets the teacher's
+logits of the history items to -inf before TCA4Rec's soft labels (``tca_alpha > 0``; off by default).
 
 Where the paper is silent, this implementation chooses:
   - E^LLM (width H) and the codes (width d of the CF embedding) differ in size: L^L compares a learned linear map
@@ -116,7 +119,8 @@ class AlignTokenRec(SemanticIDs, TopKRanked, LLMRecommender, SequentialRecommend
         # the LLM with N x C new code tokens (trainable rows, saved with the LoRA adapters); stages 1-4
         levels, codes = int(config["codebook_levels"]), int(config["codebook_size"])
         self.llm, self.tokenizer = load_llm(config, new_tokens=code_tokens(levels, codes))
-        self.cf = CFBackbone(config, dataset, config["cf_backbone"])  # the frozen backbone once stage 1 ran
+        self.cf = CFBackbone(config, dataset, config["cf_backbone"],  # the frozen backbone once stage 1 ran
+                             mask_history=config["cf_mask_history"])
         self.init_semantic_ids(config, self.cf, (self.titles, self.descriptions))
         self.valid_items, self.decoded_items = 0, 0  # constrained decoding: valid items / decoded sequences
 
@@ -131,7 +135,7 @@ class AlignTokenRec(SemanticIDs, TopKRanked, LLMRecommender, SequentialRecommend
                           for name in ("text", "query", "neg", "inference")}
         self.seq_templates = [PromptTemplate(t, self.tokenizer) for t in config["seq_templates"]]
         self.sep_ids = self.tokenizer(config["history_separator"], add_special_tokens=False)["input_ids"]
-        self.ranking = Ranking(config, dataset, self._score_rows)
+        self.ranking = Ranking(config, dataset, self._score_rows, exclude_seen=config["exclude_seen_items"])
         self.requires_grad_(False)
 
     # ----- options and data ------------------------------------------------------------------------------------
@@ -144,6 +148,9 @@ class AlignTokenRec(SemanticIDs, TopKRanked, LLMRecommender, SequentialRecommend
         alpha = config["tca_alpha"] or 0
         if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 <= alpha <= 1:
             raise ConfigError(f"tca_alpha: must be a number in [0, 1], got {config['tca_alpha']!r}")
+        for key in ("exclude_seen_items", "cf_mask_history"):
+            if not isinstance(config[key], (bool, type(None))):  # None: a checkpoint saved before the option
+                raise ConfigError(f"{key}: must be True or False, got {config[key]!r}")
         if config["MAX_ITEM_LIST_LENGTH"] > 20:
             logger.warning("MAX_ITEM_LIST_LENGTH > 20: the paper caps the history at 20 items")
 
@@ -295,17 +302,27 @@ class AlignTokenRec(SemanticIDs, TopKRanked, LLMRecommender, SequentialRecommend
 
     # ----- inference -----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def recommend(self, histories, k=None, constrained=True):
+    def recommend(self, histories, k=None, constrained=True, exclude=None):
         """Top-k items (B, k) and sequence log-probabilities (B, k) of the LC-Rec prompt over each history, by
-        beam search (max(``beam_size``, k) beams) constrained to the trie (or free: invalid sequences give item 0)."""
+        beam search (max(``beam_size``, k) beams) constrained to the trie (or free: invalid sequences give item 0).
+
+        ``exclude`` (B, n bool by item id): items each row's beams leave out (constrained only). By default, with
+        ``exclude_seen_items``, the items of each history."""
         k = k or self.beam_size
+        if exclude is None and self.ranking.exclude_seen:
+            width = self.n_items + len(self.new_item_codes)
+            exclude = torch.zeros(len(histories), width, dtype=torch.bool)
+            for row, history in enumerate(histories):
+                exclude[row, list(history)] = True
+            exclude[:, 0] = True
         beams = max(self.beam_size, k)
         encoded = [(self.templates["inference"].encode(history=self.history_ids(h))[0], [], {}) for h in histories]
         input_ids, attention, _, _, _ = collate(encoded, self.tokenizer.pad_token_id, "left")
         input_ids, attention = input_ids.to(self.device), attention.to(self.device)
         with autocast_context(self.device, self.llm_dtype, self.config["llm_autocast"]):
             if constrained:
-                items, scores = beam_search_items(self.llm, self.trie, input_ids, attention, beams, k)
+                items, scores = beam_search_items(self.llm, self.trie, input_ids, attention, beams, k,
+                                                  exclude=None if exclude is None else exclude.to(self.device))
             else:
                 from recbole_llm.llm import beam_search
 
@@ -316,9 +333,11 @@ class AlignTokenRec(SemanticIDs, TopKRanked, LLMRecommender, SequentialRecommend
         return items, scores
 
     def _score_rows(self, batch, exclude):
-        """``Ranking``'s scorer: the beams' items in order (no dense fallback)."""
+        """``Ranking``'s scorer: the beams' items in order (no dense fallback); with ``exclude_seen_items`` the
+        beams leave ``exclude`` out (the row's history and the user's training items)."""
         seqs, lens = batch[self.ITEM_SEQ].tolist(), batch[self.ITEM_SEQ_LEN].tolist()
-        items, _ = self.recommend([s[:n] for s, n in zip(seqs, lens)])
+        items, _ = self.recommend([s[:n] for s, n in zip(seqs, lens)],
+                                  exclude=exclude if self.ranking.exclude_seen else None)
         return items, None
 
     # ----- new items (no retraining) ----------------------------------------------------------------------------
