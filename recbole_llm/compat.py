@@ -44,6 +44,11 @@
 11. ``recbole.utils.ensure_dir`` checks that a folder exists, then creates it: two processes of one run (the ranks
    of ``--nproc``, each building its trainer) can both find it missing, and the second ``makedirs`` raises
    ``FileExistsError``. Every module that imported it gets one that creates with ``exist_ok=True``.
+12. ``Dataset._filter_nan_user_or_item`` drops the rows without a user or item id with
+   ``feat.drop(feat.index[labels])``: it reads the labels as positions, so once an earlier drop has left a gap
+   (an ``.inter`` row without a user id before one without an item id; a duplicate ``.item`` / ``.user`` id,
+   dropped at loading, before a row without an id) it drops the wrong rows or raises ``IndexError``. It drops
+   them by label (``_filter_nan_user_or_item``), so a file the validator accepts loads as written.
 """
 import _thread
 import os
@@ -225,6 +230,24 @@ def _evaluate_begins_collector(evaluate):
     return wrapper
 
 
+def _filter_nan_user_or_item(self):
+    """RecBole's ``Dataset._filter_nan_user_or_item``, dropping the rows by label (fix 12)."""
+    for field, name in zip([self.uid_field, self.iid_field], ["user", "item"]):
+        feat = getattr(self, name + "_feat")
+        if feat is not None:
+            dropped_feat = feat.index[feat[field].isnull()]
+            if len(dropped_feat):
+                self.logger.warning(
+                    f"In {name}_feat, line {list(dropped_feat + 2)}, {field} do not exist, so they will be removed.")
+                feat.drop(dropped_feat, inplace=True)
+        if field is not None:
+            dropped_inter = self.inter_feat.index[self.inter_feat[field].isnull()]
+            if len(dropped_inter):
+                self.logger.warning(
+                    f"In inter_feat, line {list(dropped_inter + 2)}, {field} do not exist, so they will be removed.")
+                self.inter_feat.drop(dropped_inter, inplace=True)
+
+
 def _ensure_dir(dir_path):
     """RecBole's ``ensure_dir`` without its race between processes (fix 11)."""
     os.makedirs(dir_path, exist_ok=True)
@@ -267,6 +290,9 @@ def apply():
     import recbole.model.sequential_recommender  # noqa: F401  (sine.py turns anomaly mode on at import)
 
     torch.autograd.set_detect_anomaly(anomaly)
+    from recbole.data.dataset import Dataset
+
+    Dataset._filter_nan_user_or_item = _filter_nan_user_or_item
     import recbole.data.dataset.dataset as recbole_dataset
     import recbole.data.utils as recbole_data_utils
     import recbole.utils as recbole_utils

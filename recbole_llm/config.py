@@ -99,7 +99,14 @@ class Config(RecBoleConfig):
             self.parameters["Dataset"] += [k for k in loaded if k not in self.parameters["Dataset"]]
         model_file = os.path.join(PROPERTIES_DIR, "model", f"{model}.yaml")
         if os.path.isfile(model_file):
-            self._update_internal_config_dict(model_file)
+            recbole_sampling = self.internal_config_dict.get("train_neg_sample_args")
+            loaded = self._update_internal_config_dict(model_file) or {}
+            # Our SASRec.yaml drops negative sampling for RecBole's default CE loss (RecBole's Config refuses the
+            # two together); a loss_type the input type follows from (BPR) gets RecBole's sampling back.
+            loss_type = self.external_config_dict.get("loss_type", self.internal_config_dict.get("loss_type"))
+            if ("train_neg_sample_args" in loaded and loaded["train_neg_sample_args"] is None
+                    and not hasattr(model_class, "input_type") and loss_type not in (None, "CE")):
+                self.internal_config_dict["train_neg_sample_args"] = recbole_sampling
 
     def _update_internal_config_dict(self, file):
         """RecBole's, noting the keys its model-type presets (``quick_start_config/*.yaml``) set."""

@@ -9,10 +9,14 @@ it is raised (the CLI prints it as ``recbole-llm: error: ...`` and exits with co
   ``cf_config`` (a backbone's options) against the same table.
 - Config files: YAML syntax errors with file and line, a top level that is not a mapping.
 - Atomic files (``.inter`` / ``.item`` / ``.user`` that RecBole would load, honouring ``load_col``,
-  ``unload_col``, ``field_separator``, ``encoding``, ``benchmark_filename``): a header of ``name:type``
-  columns of RecBole's types, the id columns present, every row with the header's field count, a float
-  column that parses, at least one row. Streamed line by line (``bench/validate_speed.py``).
-  Items the ``.inter`` references that the ``.item`` lacks are returned as a warning with a count.
+  ``unload_col``, ``field_separator``, ``encoding``, ``seq_separator``, ``benchmark_filename``), read as
+  RecBole's loader reads them (pandas' python engine, see ``scan_atomic_file``): accepted exactly when RecBole
+  reads them correctly (``tests/test_validate_recbole.py`` holds the two against each other). A header of
+  ``name:type`` columns of RecBole's types with the id columns; every row with at least the header's field
+  count (more only after the first row: RecBole ignores them, a warning when they hold values); quotes that
+  pandas can parse, within a line; loaded float / float_seq values that parse; a row with its ids.
+  Streamed (``bench/validate_speed.py``). Items the ``.inter`` references that the ``.item`` lacks are
+  returned as a warning with a count.
 - LLM models: ``llm_path`` is ``smollm2``, ``gemma3-270m``, ``tiny-random`` or a Hugging Face model folder;
   ``item_text_fields`` are columns of the ``.item`` file; the model's own ``_check_options``.
 - Output folders (``checkpoint_dir``, ``log/``, ``log_tensorboard/``, ``llm_cache_dir``): creatable and
@@ -23,6 +27,7 @@ import codecs
 import csv
 import math
 import os
+import re
 
 import yaml
 from recbole.utils import EvaluatorType
@@ -336,16 +341,22 @@ def _loaded(config, source, column):
 
 
 def read_header(path, sep, encoding):
-    """The header's ``[(name, type)]``, each a known RecBole type; the error names the file and the column."""
+    """The header's ``[(name, type)]`` as RecBole reads it (its first line, split at ``field_separator``), each
+    a known RecBole type; the error names the file and the column. A UTF-8 byte order mark is not part of the
+    first name here (``check_atomic_files`` says when RecBole would trip on it)."""
     name = os.path.basename(path)
-    with open(path, "rb") as f:
-        head = f.readline()
     try:
-        head = head.decode(encoding).rstrip("\n").rstrip("\r")
+        with open(path, "r", encoding=encoding) as f:  # as RecBole: text mode, universal line ends
+            head = f.readline()
     except UnicodeDecodeError:
-        raise ConfigError(f"{path}, line 1: not valid {encoding} text (set encoding)") from None
+        raise ConfigError(f"{path}, line {_undecodable_line(path, encoding)}: not valid {encoding} text "
+                          "(set encoding)") from None
+    if head.endswith("\n"):  # RecBole drops the last character; without a line end there are no rows anyway
+        head = head[:-1]
+    head = head[1:] if head.startswith(_BOM) else head
     if not head:
-        raise ConfigError(f"{path}: empty file (expected a header of name:type columns)")
+        what = "empty file" if os.path.getsize(path) == 0 else "line 1 is blank"
+        raise ConfigError(f"{path}: {what} (expected a header of name:type columns on line 1)")
     columns = []
     for column in head.split(sep):
         field, colon, ftype = column.partition(":")
@@ -361,51 +372,167 @@ def read_header(path, sep, encoding):
     return columns
 
 
-def scan_atomic_file(path, header, sep, encoding, float_columns=(), key_column=None):
-    """Stream the rows after the ``header`` (``read_header``): each has the header's field count, and the
-    values of the ``float_columns`` (indices) parse. Blank lines are skipped, as pandas does.
+# RecBole reads the rows with ``pandas.read_csv(path, delimiter=field_separator, usecols=<every loaded column>,
+# dtype=<float64 or str>, encoding=encoding, engine="python")`` (``Dataset._load_feat``). What that reads, and
+# how (pandas' python engine, checked against RecBole itself in tests/test_validate_recbole.py):
+# - a one-character separator goes to Python's ``csv`` module (``'"'`` quotes a field, ``strict``: text after
+#   a closing quote or a quote left open is an error); a longer one is a regular expression splitting each
+#   stripped line;
+# - blank lines (no field, or one field of white space) are skipped; CRLF and CR line ends are line ends;
+# - a row with fewer fields than the header is padded with missing values; a row with more keeps the first
+#   ones (``usecols``) -- except the first row, whose extra fields become a row index that shifts every column,
+#   and a second row with the header's count more fields than the first (read as index names);
+# - float columns: ``float()``, except pandas' missing-value strings (empty, NA, null, ...: NaN) and
+#   True / False (1 / 0, in a column with no numbers only); float_seq columns: ``float()`` of each non-empty
+#   piece between ``seq_separator``s.
+try:
+    from pandas._libs.parsers import STR_NA_VALUES as _PANDAS_NA
+except ImportError:  # pragma: no cover - pandas' default ``na_values``, as of pandas 1.x / 2.x
+    _PANDAS_NA = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+                  "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
+NA_STRINGS = frozenset(_PANDAS_NA)
+_BOOLS = frozenset(("True", "TRUE", "true", "False", "FALSE", "false"))
+_BOM = "\ufeff"
 
-    Returns (rows, the set of values of column ``key_column``, or None). Memory: that set only.
+
+class _RegexRows:
+    """pandas' rows for a separator longer than one character: ``re.split(sep, line.strip())``."""
+
+    def __init__(self, f, sep):
+        self._lines, self._split, self.line_num = f, re.compile(sep).split, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        line = next(self._lines)
+        self.line_num += 1
+        return self._split(line.strip())
+
+
+def _rows(f, sep):
+    if len(sep) == 1:
+        return csv.reader(f, delimiter=sep, quotechar='"', doublequote=True, escapechar=None,
+                          skipinitialspace=False, quoting=csv.QUOTE_MINIMAL, strict=True)
+    return _RegexRows(f, sep)
+
+
+def scan_atomic_file(path, header, sep, encoding, float_columns=(), key_column=None, float_seq_columns=(),
+                     seq_separator=" ", id_columns=()):
+    """Stream the file's rows as RecBole's loader (pandas) reads them, and refuse what it would crash on or
+    silently misread: a row with fewer fields than the ``header`` (``read_header``), extra fields on the first
+    row, a quoted field over several lines (a stray ``'"'``), a value of the ``float_columns`` /
+    ``float_seq_columns`` (indices) that does not parse. Blank lines are skipped, as pandas does; so are rows
+    missing a value of the ``id_columns`` (RecBole drops them), but a file of nothing else is refused.
+
+    Returns (rows, the set of values of column ``key_column`` or None, warnings). Memory: that set only.
     """
     n_fields = len(header)
-    need_split = bool(float_columns) or key_column is not None
     keys = set() if key_column is not None else None
     rows = 0
-    line_no = 1
+    with_ids = False
+    warnings = []
+    extra_rows, extra_line = 0, None
+    bool_line, has_number = {}, [False] * n_fields
+    line_no = end = 0
+    width = n_fields if n_fields > 1 else -1  # rows of another width, and a one-field row, are looked at closely
     try:
-        with open(path, "r", encoding=encoding, newline="") as f:
-            f.readline()
-            for line_no, line in enumerate(f, start=2):
-                line = line.rstrip("\r\n")
-                if not line:
-                    continue
-                if '"' in line:  # a quoted value may hold a separator: count fields as pandas does
-                    fields = next(csv.reader([line], delimiter=sep))
-                elif need_split or line.count(sep) != n_fields - 1:
-                    fields = line.split(sep)
-                else:
-                    rows += 1
-                    continue
-                if len(fields) != n_fields:
-                    raise ConfigError(f"{path}, line {line_no}: {len(fields)} fields, the header has {n_fields} "
-                                      f"(field_separator {sep!r})")
+        with open(path, "r", encoding=encoding, newline="") as f:  # as pandas opens it
+            reader = _rows(f, sep)
+            try:
+                names = next(reader)
+            except StopIteration:
+                names = []
+            if names and names[0].startswith(_BOM):  # pandas drops a byte order mark
+                names[0] = names[0][1:]
+            if names != [f"{name}:{ftype}" for name, ftype in header]:
+                how = "as a regular expression " if len(sep) > 1 else ""
+                shown = ", ".join(repr(n) for n in names[:6]) + (", ..." if len(names) > 6 else "")
+                raise ConfigError(f"{path}, line 1: RecBole splits the header at field_separator {sep!r}, but its "
+                                  f"reader (pandas) splits it {how}into {len(names)} columns: {shown}")
+            end = reader.line_num
+            for fields in reader:
+                line_no, end = end + 1, reader.line_num
+                if len(fields) != width or end != line_no or rows < 2:  # else: a row of the header's shape
+                    n = len(fields)
+                    if n == 0 or (n == 1 and not fields[0].strip()):
+                        continue  # a blank line
+                    if end != line_no:
+                        raise ConfigError(f"{path}, line {line_no}: a quoted field runs over lines {line_no}-{end} "
+                                          f"(a stray '\"'?): RecBole would read them as one row")
+                    if n < n_fields:
+                        raise ConfigError(f"{path}, line {line_no}: {n} fields, the header has {n_fields} "
+                                          f"(field_separator {sep!r})")
+                    if rows == 0 and n > n_fields:
+                        what = ("a trailing field_separator" if not any(fields[n_fields:])
+                                else f"{n} fields (the header has {n_fields})")
+                        raise ConfigError(f"{path}, line {line_no}: {what} on the first row: RecBole (pandas) "
+                                          f"reads the first field as a row index and shifts every column")
+                    if rows == 1 and n == 2 * n_fields:
+                        raise ConfigError(f"{path}, line {line_no}: {n} fields, twice the header's {n_fields}: "
+                                          "RecBole (pandas) reads the row before as index names and misreads "
+                                          "every row")
+                    if n > n_fields and any(fields[n_fields:]):
+                        extra_rows += 1
+                        extra_line = extra_line or line_no
                 for i in float_columns:
                     value = fields[i]
-                    if value:
-                        try:
-                            float(value)
-                        except ValueError:
+                    try:
+                        number = float(value)
+                    except ValueError:
+                        if value in NA_STRINGS:
+                            continue
+                        if value not in _BOOLS:
                             raise ConfigError(f"{path}, line {line_no}: column '{header[i][0]}' is a float "
                                               f"column, got {value!r}") from None
+                        bool_line.setdefault(i, (line_no, value))
+                    else:
+                        if number == number or value not in NA_STRINGS:  # 'nan' is pandas' missing value
+                            has_number[i] = True
+                for i in float_seq_columns:
+                    value = fields[i]
+                    if value in NA_STRINGS:
+                        continue
+                    for piece in value.split(seq_separator):
+                        if piece:
+                            try:
+                                float(piece)
+                            except ValueError:
+                                raise ConfigError(
+                                    f"{path}, line {line_no}: column '{header[i][0]}' is a float_seq column "
+                                    f"(seq_separator {seq_separator!r}), got {piece!r} in {value!r}") from None
+                rows += 1
+                if not with_ids:
+                    with_ids = all(fields[i] not in NA_STRINGS for i in id_columns)
                 if keys is not None:
                     keys.add(fields[key_column])
-                rows += 1
     except UnicodeDecodeError:  # text mode decodes ahead of the line it returns: find the line itself
         raise ConfigError(f"{path}, line {_undecodable_line(path, encoding)}: not valid {encoding} text "
                           "(set encoding)") from None
+    except csv.Error as e:
+        if "end of data" in str(e):
+            raise ConfigError(f"{path}, line {end + 1}: a quoted field opened by '\"' is never closed "
+                              "(a stray '\"'?)") from None
+        if "expected after" in str(e):
+            raise ConfigError(f"{path}, line {end + 1}: text after the '\"' that closes a quoted field (a field that "
+                              "starts with '\"' is read as quoted; RecBole's reader, pandas, fails)") from None
+        raise ConfigError(f"{path}, line {end + 1}: RecBole's reader (pandas) fails: {e}") from None
+    for i, (line, value) in bool_line.items():
+        if has_number[i]:
+            raise ConfigError(f"{path}, line {line}: column '{header[i][0]}' is a float column, got {value!r} "
+                              "(pandas reads True / False only in a column with no numbers)")
     if rows == 0:
         raise ConfigError(f"{path}: no rows, only a header")
-    return rows, keys
+    if not with_ids:
+        ids = " and ".join(f"'{header[i][0]}'" for i in id_columns)
+        raise ConfigError(f"{path}: no row has {'both ' if len(id_columns) > 1 else 'a value in '}{ids} (empty or "
+                          "a missing-value string such as NA), and RecBole drops the rows without")
+    if extra_rows:
+        warnings.append(f"{path}, line {extra_line}: more fields than the header's {n_fields}: RecBole reads the "
+                        f"first {n_fields} and ignores the rest ({extra_rows} such row{'s' * (extra_rows > 1)})")
+    if keys is not None:
+        keys -= NA_STRINGS  # pandas' missing values: RecBole drops these rows
+    return rows, keys, warnings
 
 
 def _undecodable_line(path, encoding):
@@ -418,13 +545,21 @@ def _undecodable_line(path, encoding):
     return "?"
 
 
+def _starts_with_bom(path, encoding):
+    with open(path, "r", encoding=encoding, errors="replace") as f:
+        return f.read(1) == _BOM
+
+
 def check_atomic_files(config, item_text=False):
-    """Check the dataset's atomic files; returns warnings (inter's item ids that the item file lacks)."""
+    """Check the dataset's atomic files; returns warnings (inter's item ids that the item file lacks, rows with
+    fields past the header's that RecBole ignores)."""
     sep = config["field_separator"] or "\t"
     encoding = config["encoding"] or "utf-8"
+    seq_sep = config["seq_separator"] or " "
     id_fields = {"inter": [config["USER_ID_FIELD"], config["ITEM_ID_FIELD"]], "item": [config["ITEM_ID_FIELD"]],
                  "user": [config["USER_ID_FIELD"]]}
     item_ids, inter_item_ids = None, set()
+    warnings = []
     for path, source in atomic_files(config, item_text):
         header = read_header(path, sep, encoding)
         names = [name for name, _ in header]
@@ -432,15 +567,23 @@ def check_atomic_files(config, item_text=False):
             if field is not None and field not in names:
                 option = "USER_ID_FIELD" if field == config["USER_ID_FIELD"] else "ITEM_ID_FIELD"
                 raise ConfigError(f"{path}: no column '{field}' ({option}); columns: {', '.join(names)}")
-        floats = [i for i, (name, ftype) in enumerate(header) if ftype == "float" and _loaded(config, source, name)]
+        read_by_us = item_text and source == "item"  # recbole_llm.data.item_text reads it by column name
+        if (_loaded(config, source, names[0]) or read_by_us) and _starts_with_bom(path, encoding):
+            raise ConfigError(f"{path}, line 1: starts with a UTF-8 byte order mark, read as part of column "
+                              f"'{names[0]}' (set encoding: utf-8-sig)")
+        loaded = [(i, ftype) for i, (name, ftype) in enumerate(header) if _loaded(config, source, name)]
+        floats = [i for i, ftype in loaded if ftype == "float"]
+        float_seqs = [i for i, ftype in loaded if ftype == "float_seq"]
         iid = config["ITEM_ID_FIELD"]
         key = names.index(iid) if iid in names and source in ("inter", "item") else None
-        _, keys = scan_atomic_file(path, header, sep, encoding, floats, key)
+        ids = [names.index(field) for field in id_fields[source] if field in names]
+        _, keys, file_warnings = scan_atomic_file(path, header, sep, encoding, floats, key, float_seqs, seq_sep,
+                                                  ids)
+        warnings += file_warnings
         if source == "item" and keys is not None:
             item_ids = keys
         elif keys is not None:
             inter_item_ids |= keys
-    warnings = []
     if item_ids is not None:
         missing = inter_item_ids - item_ids
         if missing:
