@@ -147,6 +147,22 @@ def test_constrained_beam_search_emits_only_real_items(tiny):
     assert torch.allclose(fn_scores, scores, atol=1e-4)
 
 
+def test_length_penalty_ranks_beams_per_token(tiny):
+    """``length_penalty=1`` (TCA4Rec's reference: HF's default) scores a beam by its log-probability per token;
+    0 (ours) by the item's log-probability."""
+    llm, tokenizer = tiny
+    rng = random.Random(5)
+    trie = ItemTrie(random_sequences(rng, 60), END)
+    input_ids, attention = random_prompts(rng, 4, tokenizer.pad_token_id)
+    items, scores = beam_search_items(llm, trie, input_ids, attention, num_beams=8, topk=5, length_penalty=1.0)
+    assert all(i in trie for i in items.flatten().tolist()) and (scores[:, :-1] >= scores[:, 1:]).all()
+    for b in range(4):
+        prompt = input_ids[b][attention[b].bool()].tolist()
+        for k in range(5):
+            tokens = trie.tokens(items[b, k].item())
+            assert scores[b, k].item() == pytest.approx(sequence_logprob(llm, prompt, tokens) / len(tokens), abs=1e-3)
+
+
 def test_constrained_beam_search_stays_valid_after_add_on_random_prompts(tiny):
     llm, tokenizer = tiny
     rng = random.Random(3)

@@ -168,6 +168,8 @@ def test_training_rows_per_user_and_options(tiny_seq_data):
         build(tiny_seq_data, train_format="stream")
     with pytest.raises(ConfigError, match="chunk_items: must be a positive integer"):
         build(tiny_seq_data, chunk_items=0)
+    with pytest.raises(ConfigError, match="length_penalty: must be a number >= 0, got -1"):
+        build(tiny_seq_data, length_penalty=-1)
     with pytest.raises(ConfigError, match="prompt: the history items follow the prompt"):
         build(tiny_seq_data, prompt="History: {history}. Next?")
     with pytest.raises(ConfigError, match="item_identifier: unknown 'isbn'"):

@@ -155,12 +155,13 @@ class TrieLogitsProcessor(LogitsProcessor):
 
 @torch.no_grad()
 def beam_search(llm, input_ids, attention_mask, num_beams=10, topk=None, max_new_tokens=32, placeholder_mask=None,
-                vectors=None, eos_id=None, **generate_kwargs):
+                vectors=None, eos_id=None, length_penalty=0.0, **generate_kwargs):
     """HF beam search over left-padded prompts; placeholder vectors go in through ``inputs_embeds``.
 
     Each prompt is encoded once (its KV cache then copied to its beams): ``generate`` alone would encode it
     ``num_beams`` times and compute vocabulary logits at every prompt position. Scores are sequence
-    log-probabilities (``length_penalty=0``, HF's exact stopping rule). Extra keyword arguments go to
+    log-probabilities (``length_penalty=0``; HF's ``length_penalty=1`` divides them by the generated length),
+    HF's exact stopping rule. Extra keyword arguments go to
     ``generate`` (e.g. ``logits_processor``, ``prefix_allowed_tokens_fn``).
 
     Returns:
@@ -181,7 +182,7 @@ def beam_search(llm, input_ids, attention_mask, num_beams=10, topk=None, max_new
         cache.batch_repeat_interleave(num_beams)
         prompt[CACHE_KWARG] = cache
     out = llm.generate(**prompt, attention_mask=attention_mask, num_beams=num_beams, num_return_sequences=topk,
-                       max_new_tokens=max_new_tokens, do_sample=False, length_penalty=0.0, early_stopping=False,
+                       max_new_tokens=max_new_tokens, do_sample=False, length_penalty=length_penalty, early_stopping=False,
                        eos_token_id=eos_id, pad_token_id=eos_id if pad_id is None else pad_id, use_cache=True,
                        output_scores=True, return_dict_in_generate=True, **generate_kwargs)
     new = out.sequences[:, input_ids.shape[1]:] if vectors is None else out.sequences
@@ -190,7 +191,7 @@ def beam_search(llm, input_ids, attention_mask, num_beams=10, topk=None, max_new
 
 @torch.no_grad()
 def beam_search_items(llm, trie, input_ids, attention_mask, num_beams=10, topk=None, placeholder_mask=None,
-                      vectors=None, max_new_tokens=None, exclude=None):
+                      vectors=None, max_new_tokens=None, exclude=None, length_penalty=0.0):
     """Top-K items of each prompt by beam search constrained to ``trie``: only real items come out.
 
     Args:
@@ -202,6 +203,8 @@ def beam_search_items(llm, trie, input_ids, attention_mask, num_beams=10, topk=N
         max_new_tokens (int): at least ``trie.depth`` (the default), so that every item can be completed.
         exclude (BoolTensor): (B, n) items (by id) left out of each prompt's beams (e.g. the user's history);
             None: none.
+        length_penalty (float): beams ranked by log-probability / length ** length_penalty: 0 = the sequence's
+            log-probability (item and end marker); 1 = per token (HF's default, TCA4Rec's reference code).
 
     Returns:
         (items (B, K) LongTensor, scores (B, K) FloatTensor): items best first with their sequence
@@ -215,7 +218,8 @@ def beam_search_items(llm, trie, input_ids, attention_mask, num_beams=10, topk=N
     prompt_length = 0 if vectors is not None else input_ids.shape[1]
     processor = TrieLogitsProcessor(trie, prompt_length, exclude, num_beams)
     tokens, scores = beam_search(llm, input_ids, attention_mask, num_beams, topk, max_new_tokens, placeholder_mask,
-                                 vectors, eos_id=trie.end_id, logits_processor=LogitsProcessorList([processor]))
+                                 vectors, eos_id=trie.end_id, length_penalty=length_penalty,
+                                 logits_processor=LogitsProcessorList([processor]))
     items = trie.items_of(tokens.flatten(0, 1)).view(scores.shape)
     dead = (items == 0) | (scores < -1e8)  # HF's filler hypotheses when fewer than K items finished
     return items.masked_fill(dead, 0), scores.masked_fill(dead, -torch.inf)

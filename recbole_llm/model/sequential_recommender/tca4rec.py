@@ -154,6 +154,9 @@ class TCA4Rec(SemanticIDs, TopKRanked, LLMRecommender, SequentialRecommender):
                               f"{', '.join(TRAIN_FORMATS)})")
         if not isinstance(config["chunk_items"], int) or config["chunk_items"] < 1:
             raise ConfigError(f"chunk_items: must be a positive integer, got {config['chunk_items']!r}")
+        penalty = config["length_penalty"]
+        if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or penalty < 0:
+            raise ConfigError(f"length_penalty: must be a number >= 0, got {penalty!r}")
         if not isinstance(config["packed_window"], bool):
             raise ConfigError(f"packed_window: must be True or False, got {config['packed_window']!r}")
         if config["item_identifier"] not in IDENTIFIERS:
@@ -257,5 +260,6 @@ class TCA4Rec(SemanticIDs, TopKRanked, LLMRecommender, SequentialRecommender):
         with autocast_context(self.device, self.llm_dtype, self.config["llm_autocast"]):
             items, _ = beam_search_items(self.llm, self.trie, input_ids.to(self.device), attention.to(self.device),
                                          num_beams=self.num_beams,
-                                         exclude=exclude if self.ranking.exclude_seen else None)
+                                         exclude=exclude if self.ranking.exclude_seen else None,
+                                         length_penalty=float(self.config["length_penalty"]))
         return items, None
