@@ -27,15 +27,8 @@ from recbole_llm.quick_start import main, run
 from recbole_llm.registry import PROPERTIES_DIR
 from recbole_llm.validate import validate
 from tests.conftest import write_tiny_dataset
+from tests.test_bad_input import BASE
 
-BASE = """data_path: {data}
-checkpoint_dir: {saved}
-epochs: 1
-show_progress: False
-log_wandb: False
-user_inter_num_interval: "[0,inf)"
-item_inter_num_interval: "[0,inf)"
-"""
 
 # RecBole's processed ml-1m headers (RecBole docs, user_guide/data/atomic_files.rst; RecSysDatasets'
 # conversion_tools ML1MDataset writes the same names).

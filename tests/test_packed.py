@@ -8,23 +8,16 @@ window starts at the chunk's first item (against TCA4Rec's own row prompts).
 import pytest
 import torch
 
-from recbole_llm.config import Config
 from recbole_llm.llm.alignment import IGNORE
 from recbole_llm.llm.scoring import answer_logits
-from recbole_llm.model.sequential_recommender.tca4rec import TCA4Rec
 from recbole_llm.trainer.packed import collate_packed, pack, packed_answer_logits, user_chunks
-from recbole_llm.utils import create_dataset, data_preparation
-from tests.conftest import tiny_config
+from tests.test_tca4rec import build as build_tca4rec
 
-SEQUENTIAL = {"load_col": {"inter": ["user_id", "item_id", "timestamp"]}, "llm_dtype": "fp32",
-              "cf_config": {"epochs": 2}, "history_len": 3, "chunk_items": 4, "alpha": 0}
+PACKED = {"history_len": 3, "chunk_items": 4, "alpha": 0}
 
 
 def build(data, **overrides):
-    config = Config("TCA4Rec", "tinyseq", config_dict=tiny_config(data, **dict(SEQUENTIAL, **overrides)))
-    dataset = create_dataset(config)
-    train, valid, test = data_preparation(config, dataset)
-    return config, TCA4Rec(config, train._dataset), train, valid, test
+    return build_tca4rec(data, **dict(PACKED, **overrides))
 
 
 @pytest.fixture(scope="module")
