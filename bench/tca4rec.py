@@ -5,7 +5,7 @@
                             [--output part.json] [--key=value ...]  (e.g. --eval_step=0: no validation pass)
     python bench/tca4rec.py --merge part1.json part2.json    (one table from parts run side by side)
 
-Rows: each CF backbone alone (SASRec, MF, LightGCN, DCCF, trained once as TCA4Rec's cached ``cf_pretrain`` stage
+Rows: RecBole's Pop and each CF backbone alone (SASRec, MF, LightGCN, DCCF, trained once as TCA4Rec's cached ``cf_pretrain`` stage
 and scored as RecBole scores that model alone on the same split: ``CFBackbone.eval_data``), the base LLM
 recommender (alpha 0), TCA4Rec over MF, LightGCN and SASRec with both losses, and an alpha sweep (0, 0.05, 0.1,
 0.3) over SASRec with the mixture loss. Test HR / NDCG at 1, 5, 10; HR@10 against the base LLM user by user (users
@@ -43,7 +43,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-BACKBONES = ["SASRec", "MF", "LightGCN", "DCCF"]
+BACKBONES = ["SASRec", "MF", "LightGCN", "DCCF", "Pop"]  # Pop: RecBole's, as a reference row (not a teacher)
 RUNS = {"base LLM (alpha 0)": {"alpha": 0}}
 for backbone in ("MF", "LightGCN", "SASRec"):
     for loss in ("mixture", "soft_ce"):
@@ -131,7 +131,7 @@ def child_backbones(overrides):
         start = time.time()
         config = Config("TCA4Rec", dataset_name, config_dict=dict(overrides, cf_backbone=backbone, alpha=0.1))
         train, valid, test = data_preparation(config, create_dataset(config))
-        cf = CFBackbone(config, train._dataset, NAMES[backbone])
+        cf = CFBackbone(config, train._dataset, NAMES.get(backbone, backbone))
         stage = cf.stage()
         StageCache(config, train._dataset).run(stage, lambda: stage.build(None, train, valid), stage.load)
         trainer = Trainer(cf.config, cf.model)
@@ -228,7 +228,7 @@ def row(name, result, base=None):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=100)
-    parser.add_argument("--rows", type=int, default=2, help="train_rows_per_user")
+    parser.add_argument("--rows", type=int, default=2, help="train_rows_per_user (0: every training target)")
     parser.add_argument("--history", type=int, default=5, help="history_len")
     parser.add_argument("--seed", type=int, default=2020)
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats of the speed measurements")
@@ -273,7 +273,7 @@ def main():
     common = {"dataset": name, "data_path": data, "checkpoint_dir": args.checkpoint_dir, "seed": args.seed,
               "show_progress": False, "item_text_fields": ["movie_title", "release_year", "class"],
               "load_col": {"inter": ["user_id", "item_id", "rating", "timestamp"]},
-              "train_rows_per_user": args.rows, "history_len": args.history, "epochs": 1,
+              "train_rows_per_user": args.rows or None, "history_len": args.history, "epochs": 1,
               "item_identifier": args.identifier}
     for pair in extra:  # --key=value, as with run_recbole_llm.py
         key, value = pair.lstrip("-").split("=", 1)
