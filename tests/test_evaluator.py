@@ -3,9 +3,11 @@ import ast
 import glob
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from recbole_llm.config import Config
 from recbole_llm.evaluator import UAUC, warm_cold_report
@@ -132,3 +134,10 @@ def test_warm_cold_report(labeled_data, tmp_path):
         by_hand = np.mean([_auc(scores[rows][users == u], labels[rows][users == u]) for u in np.unique(users)
                            if 0 < labels[rows][users == u].sum() < (users == u).sum()])
         assert report[group]["uauc"] == pytest.approx(by_hand, abs=1e-4), group
+
+    # a group of one row (a tiny slice): no AUC there, and RecBole's metrics fail on one row: None
+    values, counts = np.unique(test_inter["item_id"].numpy(), return_counts=True)
+    single = values[counts == 1][0]
+    one_cold = SimpleNamespace(inter_feat={"item_id": torch.from_numpy(values[values != single])})
+    report = warm_cold_report(trainer, one_cold, test_data)
+    assert report["cold"] is None and set(report["warm"]) == {"auc", "uauc", "logloss"}

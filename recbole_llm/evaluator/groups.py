@@ -35,7 +35,8 @@ def warm_cold_report(trainer, train_dataset, eval_data, load_best_model=False, s
 
     Returns:
         dict: ``{"all": result, "warm": result, "cold": result}``, each RecBole's ``OrderedDict`` of metrics
-        (``trainer.evaluate``), or ``None`` for a group without rows.
+        (``trainer.evaluate``), or ``None`` for a group of fewer than two rows (no AUC there: RecBole's metrics
+        fail on a single row).
     """
     warm_items = torch.from_numpy(np.unique(train_dataset.inter_feat[trainer.config["ITEM_ID_FIELD"]].numpy()))
     collector = trainer.eval_collector
@@ -47,7 +48,7 @@ def warm_cold_report(trainer, train_dataset, eval_data, load_best_model=False, s
     struct, collector.last_struct = collector.last_struct, None
     is_warm = torch.isin(struct["data.item"], warm_items)
     for group, rows in (("warm", is_warm), ("cold", ~is_warm)):
-        report[group] = trainer.evaluator.evaluate(_rows_of(struct, rows)) if rows.any() else None
+        report[group] = trainer.evaluator.evaluate(_rows_of(struct, rows)) if rows.sum() >= 2 else None
     return report
 
 
