@@ -1,9 +1,20 @@
 """Shared fixtures: tiny datasets written by the tests (general: clustered; sequential: leave-one-out with a
 known next item; labeled: ratings and times for CTR) with item text, and a fast configuration (tiny-random LLM)."""
+import importlib.util
 import os
 import random
 
 import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(path, name):
+    """A script of the repository (``run_hyper.py``, ``bench/...``) imported as a module, its ``main`` not run."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_tiny_dataset(root, name="tiny", n_users=40, n_items=60, n_clusters=3, per_user=12, seed=0, item_text=True):

@@ -4,7 +4,6 @@ Each case runs ``recbole_llm.quick_start.main`` in-process (the tiny dataset and
 inputs under the temporary folder) and checks: exit code 2, exactly one line on stderr, starting with
 ``recbole-llm: error:`` and naming the culprit, and no new file or folder (no log/, no checkpoint folder).
 """
-import importlib.util
 import os
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from recbole_llm.config import Config
 from recbole_llm.errors import ConfigError, WriteError
 from recbole_llm.quick_start import load_data_and_model, main
 from recbole_llm.validate import check_writable_dir, validate
-from tests.conftest import write_tiny_dataset
+from tests.conftest import load_script, write_tiny_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INTER_HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
@@ -198,10 +197,7 @@ def test_hyper_trial_validates_before_logging(tmp_path):
 
 @pytest.fixture
 def run_hyper():
-    spec = importlib.util.spec_from_file_location("run_hyper", os.path.join(ROOT, "run_hyper.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("run_hyper.py", "run_hyper")
 
 
 @pytest.mark.parametrize("space, message", [

@@ -1,7 +1,6 @@
 """bench/device_check.py, the prepared GPU check: its dry run on this CPU (every step, one JSON and one markdown
 table), the install logic (extract what is missing, keep what is present, fall back to the carried copies),
 the properties finder the GPU machine uses instead of an editable install, the parsers and the time budget."""
-import importlib.util
 import json
 import os
 import re
@@ -11,16 +10,15 @@ import tarfile
 
 import pytest
 
+from tests.conftest import load_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "device_check.py")
 
 
 @pytest.fixture(scope="module")
 def dc():
-    spec = importlib.util.spec_from_file_location("device_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/device_check.py", "device_check")
 
 
 def test_the_dry_run_runs_every_step_and_writes_the_json_and_the_table(tmp_path):

@@ -1,20 +1,18 @@
 """``run_hyper.py``: RecBole's HyperTuning (hyperopt) over our ``objective_function``."""
-import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
 
+from tests.conftest import load_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_HYPER = os.path.join(ROOT, "run_hyper.py")
 
 
 def _load_run_hyper():
-    spec = importlib.util.spec_from_file_location("run_hyper", RUN_HYPER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("run_hyper.py", "run_hyper")
 
 
 def test_exhaustive_search_runs_every_trial(tmp_path):
