@@ -115,10 +115,11 @@ def pack(chunk, head, item_tokens, history_len, window):
 
     ``window``: see the module docstring. The mask allows query i to read key j (j <= i)."""
     ids, owner = list(head), [-1] * len(head)  # owner: the item a token belongs to (-1: the instruction)
-    starts = []
+    starts, lengths = [], []
     for j, item in enumerate(chunk.items):
         tokens = item_tokens(item)
         starts.append(len(ids))
+        lengths.append(len(tokens))
         ids += tokens
         owner += [j] * len(tokens)
     length = len(ids)
@@ -135,7 +136,7 @@ def pack(chunk, head, item_tokens, history_len, window):
         # keys: the instruction, the L items before the predicted one, and the predicted item's own tokens
         allowed = (key == -1) | ((key >= query - history_len) & (key <= query))
         causal &= allowed
-    spans = [(starts[j], len(item_tokens(chunk.items[j]))) for j in range(chunk.first, len(chunk.items))]
+    spans = list(zip(starts, lengths))[chunk.first:]
     return Packed(ids, causal, spans, list(chunk.rows))
 
 
